@@ -1,0 +1,287 @@
+r"""Per-task gradients, their Gramian, and the weighted gradient: the machinery under the callbacks.
+
+The engine is plain PyTorch; :class:`lightning_mtl.callbacks.MultiTaskGradient` drives it from Lightning's hooks
+and a Fabric (or hand-written) loop drives it directly. One optimisation step is::
+
+    engine.capture(record, grad_scale=S, accumulation=N)   # before the ordinary backward of sum(L) * S / N
+    (sum(L) * S / N).backward()                            # the loop's own backward (Lightning's, Fabric's, ...)
+    engine.apply()                                         # after the gradients are unscaled, before the step
+
+Two modes (:attr:`GradientEngine.mode`):
+
+``"parameter"`` (exact)
+    The task gradients :math:`g_k` of the *shared* parameters (those that more than one task's loss reaches;
+    found once by walking the autograd graph). ``capture`` computes :math:`g_1..g_{K-1}` with
+    ``torch.autograd.grad(..., retain_graph=True)``; the ordinary backward produces :math:`\sum_k g_k`, and
+    ``apply`` recovers :math:`g_K` by subtraction, so a step costs one forward and K backward passes: the floor
+    for exact per-task gradients. ``apply`` forms :math:`G = JJ^\top` (one matmul over the flat
+    K×P task Jacobian), asks the weighting for ``w`` and writes :math:`\sum_k w_k g_k` into ``.grad``.
+
+``"representation"`` (MGDA-UB, ~ one plain step)
+    The gradients :math:`d_k = \partial\mathcal L_k / \partial z` of the shared features ``z`` (backward through the
+    heads only), their Gramian, and a tensor hook on ``z`` that replaces the gradient arriving there by
+    :math:`\sum_k w_k d_k`, so the loop's single ordinary backward carries the combined gradient through the trunk.
+    This is Sener & Koltun's upper-bound approximation; Su (https://kexue.fm/archives/8896) shows their proof that
+    it still finds a Pareto-stationary direction is wrong, and it needs samples labelled for several tasks (with
+    disjoint task data the :math:`d_k` are orthogonal).
+
+Task-specific parameters (heads) always keep their own task's gradient.
+
+**Scaling (AMP).** ``capture`` differentiates :math:`\mathcal L_k \cdot S/N` exactly as the loop's backward does,
+so fp16 gradients are as well protected from underflow as the loop's own; the Gramian is divided by the scale
+before any weighting sees it, so every weighting (scale-invariant or not) sees true gradients, and the result is
+written back in the scale the loop expects. A non-finite Gramian makes the weighting fall back to equal weights;
+the non-finite values still reach ``.grad``, so a GradScaler skips the step as it would without us.
+
+**Gradient accumulation (N micro-batches per step).** Parameter mode accumulates the task gradients over the
+micro-batches and weights once per optimiser step: the update is the weighting of the task gradients of the whole
+accumulated batch, exactly as with one N-times larger batch. Representation mode weights every micro-batch by its
+own Gramian (the hook acts inside each backward); the update is the mean of the per-micro-batch combinations.
+
+**Several processes (DDP).** Parameter mode all-reduces the K-1 captured task gradients (one flat bucket) so that,
+with the loop's already averaged ``.grad``, every rank holds the same global task gradients, Gramian and weights.
+Representation mode all-reduces the K×K Gramian (summed over ranks, then divided by the world size squared: the
+exact Gramian of the global mean losses) unless ``rank_local=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_mtl.tasks import TaskLosses
+from lightning_mtl.weighting import Weighting, as_weighting
+
+__all__ = ["GradientEngine", "reached_parameters"]
+
+Mode = Literal["parameter", "representation"]
+
+
+def reached_parameters(loss: Tensor) -> set[int]:
+    """The ``id``s of the leaf tensors (parameters) that ``loss``'s autograd graph accumulates gradients into."""
+    seen: set[Any] = set()
+    leaves: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return leaves
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _as_tensor(x: Tensor | float, like: Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach().to(device=like.device, dtype=torch.float32)
+    return torch.tensor(float(x), device=like.device, dtype=torch.float32)
+
+
+class GradientEngine:
+    """Per-task gradients → Gramian → weights → weighted gradient, for one model.
+
+    Args:
+        weighting: a :class:`~lightning_mtl.weighting.Weighting` (or a torchjd ``Weighting``).
+        mode: ``"parameter"`` (exact) or ``"representation"`` (cheap; needs ``shared=`` features).
+        rank_local: representation mode under DDP: use each rank's own Gramian instead of the all-reduced global
+            one (saves a K×K all-reduce; ranks then combine with different weights and their averaged update is
+            not the weighting of any one Gramian).
+    """
+
+    def __init__(self, weighting: Weighting | nn.Module, mode: Mode = "parameter", *, rank_local: bool = False) -> None:
+        if mode not in ("parameter", "representation"):
+            raise ValueError(f"mode must be 'parameter' or 'representation', got {mode!r}.")
+        self.weighting = as_weighting(weighting)
+        self.mode: Mode = mode
+        self.rank_local = rank_local
+        self.tasks: tuple[str, ...] | None = None
+        self.shared_params: list[nn.Parameter] | None = None
+        self.last_gramian: Tensor | None = None
+        self.last_weights: Tensor | None = None
+        self.steps = 0
+        self._jac: Tensor | None = None  # [K, P]; rows 0..K-2 accumulate captured task gradients (scaled)
+        self._scale: Tensor | None = None  # S of the current accumulation cycle
+        self._captured = 0  # micro-batches captured since the last apply
+        self.bytes_all_reduced = 0  # for the scaling benchmark
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _bind(self, record: TaskLosses, module: nn.Module | None) -> None:
+        names = record.names
+        if self.tasks is None:
+            self.weighting.bind(names)
+            self.tasks = names
+        elif names != self.tasks:
+            raise ValueError(
+                f"The tasks changed between steps: first {list(self.tasks)}, now {list(names)}. The task set and "
+                "order are fixed by the first step; return every task each step (use a zero loss, e.g. "
+                "`0 * head(z).sum()`, for a task without data in this batch)."
+            )
+        if self.mode == "parameter" and self.shared_params is None:
+            self.shared_params = self._detect_shared(record, module)
+
+    def _detect_shared(self, record: TaskLosses, module: nn.Module | None) -> list[nn.Parameter]:
+        counts: dict[int, int] = {}
+        for loss in record.losses.values():
+            for pid in reached_parameters(loss):
+                counts[pid] = counts.get(pid, 0) + 1
+        if module is None:
+            raise ValueError("Parameter mode needs the module whose parameters the task losses reach.")
+        shared = [p for p in module.parameters() if p.requires_grad and counts.get(id(p), 0) > 1]
+        if not shared and len(record.losses) > 1:
+            raise ValueError(
+                "No parameter is reached by more than one task loss, so there is nothing to combine. "
+                "Check that the task heads read a shared trunk."
+            )
+        return shared
+
+    # ----------------------------------------------------------------------------------------------------------
+    def capture(
+        self,
+        record: TaskLosses,
+        module: nn.Module | None = None,
+        *,
+        grad_scale: Tensor | float = 1.0,
+        accumulation: int = 1,
+    ) -> None:
+        """Compute what the coming ordinary backward of ``record.total * grad_scale / accumulation`` cannot.
+
+        Call it after the forward pass and before that backward, once per micro-batch.
+        """
+        self._bind(record, module)
+        factor = _as_tensor(grad_scale, record.total) / accumulation
+        if self.mode == "parameter":
+            self._capture_parameters(record, factor, grad_scale)
+        else:
+            self._capture_representation(record, factor)
+        self._captured += 1
+
+    def _capture_parameters(self, record: TaskLosses, factor: Tensor, grad_scale: Tensor | float) -> None:
+        params = self.shared_params
+        assert params is not None
+        losses = list(record.losses.values())
+        k = len(losses)
+        ref = params[0] if params else record.total
+        if self._jac is None or self._jac.shape[0] != k or self._jac.device != ref.device:
+            numel = sum(_local(p).numel() for p in params)
+            self._jac = torch.zeros(k, numel, dtype=ref.dtype if params else torch.float32, device=ref.device)
+        if self._captured == 0:
+            self._jac[: k - 1].zero_()
+            self._scale = _as_tensor(grad_scale, record.total)
+        for i, loss in enumerate(losses[:-1]):
+            grads = torch.autograd.grad(loss * factor.to(loss.dtype), params, retain_graph=True, allow_unused=True)
+            self._jac[i].add_(_flatten(grads, params))
+
+    def _capture_representation(self, record: TaskLosses, factor: Tensor) -> None:
+        z = record.shared
+        if z is None:
+            raise ValueError(
+                "mode='representation' needs the shared features: return "
+                "task_losses(self, {...}, shared=z) with z the trunk output that every head reads."
+            )
+        if not z.requires_grad:
+            raise ValueError(
+                "task_losses(shared=z): z does not require grad, so no gradient flows through it. Pass the trunk "
+                "output itself (not a detached copy, and not computed under torch.no_grad())."
+            )
+        d = []
+        for loss in record.losses.values():
+            (g,) = torch.autograd.grad(loss * factor.to(loss.dtype), z, retain_graph=True, allow_unused=True)
+            d.append(torch.zeros_like(z) if g is None else g)
+        flat = torch.stack([g.reshape(-1) for g in d]).float()
+        gram = (flat @ flat.mT).double() / factor.double().square()
+        if not self.rank_local and _world() > 1:
+            dist.all_reduce(gram)
+            gram = gram / _world() ** 2
+            self.bytes_all_reduced += gram.numel() * gram.element_size()
+        w = self._weigh(gram)
+        combined = (w.float() @ flat).view_as(z)
+        z.register_hook(lambda grad: combined.to(grad.dtype))
+
+    def _weigh(self, gram: Tensor) -> Tensor:
+        w = self.weighting(gram)
+        self.last_gramian = gram.detach()
+        self.last_weights = w.detach()
+        return w
+
+    # ----------------------------------------------------------------------------------------------------------
+    def apply(self) -> Tensor | None:
+        """Write the weighted gradient into ``.grad`` (parameter mode); call after backward and unscaling.
+
+        Returns the weights used (representation mode: those of the last micro-batch), or ``None`` if nothing was
+        captured since the last call.
+        """
+        if self._captured == 0:
+            return None
+        self._captured = 0
+        self.steps += 1
+        if self.mode == "representation":
+            return self.last_weights
+        params = self.shared_params
+        jac = self._jac
+        assert params is not None and jac is not None and self._scale is not None
+        k = jac.shape[0]
+        head = jac[: k - 1]
+        head.div_(self._scale.to(jac.dtype))
+        if _world() > 1 and k > 1:
+            dist.all_reduce(head)
+            head.div_(_world())
+            self.bytes_all_reduced += head.numel() * head.element_size()
+        total = _flatten([p.grad for p in params], params)
+        torch.sub(total, head.sum(0), out=jac[k - 1])
+        gram = jac @ jac.mT
+        w = self._weigh(gram)
+        update = w.to(jac.dtype) @ jac
+        _write_grads(update, params)
+        return w
+
+    # ----------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"tasks": self.tasks, "steps": self.steps, "weighting": self.weighting.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tasks = None if state.get("tasks") is None else tuple(state["tasks"])
+        if self.tasks is not None:
+            self.weighting.bind(self.tasks)
+        self.steps = int(state.get("steps", 0))
+        if "weighting" in state:
+            self.weighting.load_state_dict(state["weighting"])
+
+
+def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    parts = [
+        (torch.zeros(_local(p).numel(), dtype=p.dtype, device=p.device) if g is None else _local(g).reshape(-1))
+        for g, p in zip(grads, params, strict=True)
+    ]
+    if not parts:
+        return torch.zeros(0)
+    return torch.cat(parts)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _write_grads(flat: Tensor, params: Iterable[nn.Parameter]) -> None:
+    offset = 0
+    for p in params:
+        local = _local(p)
+        n = local.numel()
+        chunk = flat[offset : offset + n].view(local.shape)
+        offset += n
+        if p.grad is None:
+            p.grad = chunk.clone()
+        else:
+            _local(p.grad).copy_(chunk)

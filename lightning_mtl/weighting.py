@@ -1,0 +1,509 @@
+r"""Task weightings: the K×K Gramian of the task gradients in, K weights out.
+
+Every gradient-level method of the multi-task articles needs the task gradients :math:`g_1..g_K` only through
+their Gramian :math:`G_{ij} = \langle g_i, g_j\rangle` and returns an update that is a weighted sum
+:math:`u = \sum_k w_k g_k`. A :class:`Weighting` is the small module that maps ``G`` to ``w``; the engine
+(:mod:`lightning_mtl.engine`) computes ``G`` and applies ``w``.
+
+This module is pure torch: no Lightning, no ``.item()``, no host round trip. Solvers work in float64 on ``G``'s
+device with fixed-size tensor programs, so they cost the same on every step and never wait for the GPU.
+
+Tasks are ordered as in the loss dict handed to :func:`lightning_mtl.task_losses`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MGDA",
+    "GradNormalize",
+    "Mean",
+    "PCGrad",
+    "PrimaryAuxiliary",
+    "Sum",
+    "Weighting",
+    "as_weighting",
+    "min_norm_weights",
+]
+
+#: Largest number of tasks for which the exact (support-enumeration) solver is used by ``method="auto"``.
+EXACT_MAX_TASKS = 8
+
+
+class Weighting(nn.Module):
+    r"""Base class: ``forward(G) -> w`` for a K×K Gramian ``G`` and K weights ``w``.
+
+    Subclasses implement :meth:`weights`. :meth:`forward` guards it: a Gramian with a NaN or inf entry, or one
+    that is not symmetric, never yields NaN weights; the weights fall back to :class:`Mean`
+    (``1/K`` each) for that call and a warning is issued once (on CPU at once; on an accelerator when
+    :meth:`report_fallbacks` is called, which the callback does at its logging interval, so no step waits
+    for the device). ``fallbacks`` counts such calls.
+
+    Weightings that refer to tasks by name (e.g. :class:`PrimaryAuxiliary`) learn the names through
+    :meth:`bind`, which the engine calls once the first step has shown them.
+    """
+
+    fallbacks: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] | None = None
+        self.register_buffer("fallbacks", torch.zeros((), dtype=torch.long), persistent=False)
+        self._fallbacks_reported = 0
+
+    def bind(self, tasks: Sequence[str]) -> None:
+        """Tell the weighting the task names, in Gramian order. Raises if a name it needs is missing."""
+        self.tasks = tuple(tasks)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        """Map a finite, symmetric K×K Gramian (float64) to K weights."""
+        raise NotImplementedError
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+            raise ValueError(f"Expected a non-empty square K×K Gramian, got shape {tuple(gramian.shape)}.")
+        if self.tasks is not None and len(self.tasks) != gramian.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__} is bound to {len(self.tasks)} tasks {self.tasks}, "
+                f"but the Gramian is {gramian.shape[0]}×{gramian.shape[0]}."
+            )
+        g = gramian.detach().to(torch.float64)
+        k = g.shape[0]
+        finite = torch.isfinite(g).all()
+        g = torch.where(finite, g, torch.zeros_like(g))
+        scale = g.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
+        symmetric = ((g - g.mT).abs().amax() <= 1e-4 * scale) & finite
+        g = 0.5 * (g + g.mT)
+        w = self.weights(g).to(torch.float64)
+        ok = symmetric & torch.isfinite(w).all()
+        mean = torch.full_like(w, 1.0 / k)
+        self._note_fallback(~ok)
+        return torch.where(ok, w, mean)
+
+    def _note_fallback(self, bad: Tensor) -> None:
+        if self.fallbacks.device != bad.device:
+            self.fallbacks = self.fallbacks.to(bad.device)
+        self.fallbacks += bad.long()
+        if bad.device.type == "cpu":  # no device to wait for: tell the user now
+            self.report_fallbacks()
+
+    def report_fallbacks(self) -> int:
+        """Warn once if any call fell back to :class:`Mean`; returns the number of fallbacks so far.
+
+        This reads a device counter, so it synchronises with an accelerator: call it at a logging interval,
+        not every step.
+        """
+        n = int(self.fallbacks)
+        if n > self._fallbacks_reported and self._fallbacks_reported == 0:
+            warnings.warn(
+                f"{type(self).__name__}: the Gramian of the task gradients was not finite or not symmetric "
+                f"({n} time(s) so far); those steps used equal weights 1/K instead. Under fp16 this is "
+                "expected now and then (the GradScaler then skips the step); otherwise a task loss or "
+                "gradient has become NaN/inf.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._fallbacks_reported = max(self._fallbacks_reported, n)
+        return n
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}" if self.tasks is not None else ""
+
+
+class Mean(Weighting):
+    r"""Equal weights :math:`w_k = 1/K`: the update is the mean task gradient."""
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        k = gramian.shape[0]
+        return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device)
+
+
+class Sum(Weighting):
+    r"""Unit weights :math:`w_k = 1`: the update is the gradient of :math:`\sum_k \mathcal L_k`."""
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+
+
+class GradNormalize(Weighting):
+    r"""Gradient normalisation, the "ideal target" of MTL(1).
+
+    .. math::  u = c \sum_k \frac{g_k}{\|g_k\|},\qquad w_k = \frac{c}{\sqrt{G_{kk}}}
+
+    Su, *多任务学习漫谈(一): 以损失之名*, https://kexue.fm/archives/8870 (2022): replacing each loss by
+    :math:`\mathcal L_k / \mathrm{sg}(\|\nabla\mathcal L_k\|)` makes the update invariant to scaling
+    (:math:`\mathcal L_k \to a\mathcal L_k`) and shifting (:math:`\mathcal L_k \to \mathcal L_k + b`) any task.
+    For two tasks the direction has a non-negative inner product with both gradients
+    (*多任务学习漫谈(二)*, https://kexue.fm/archives/8896), so it is Pareto-stationary-seeking.
+
+    Args:
+        scale: ``"unit"`` (the article, :math:`c = 1`): every step has the size of a sum of unit vectors,
+            whatever the loss magnitudes. ``"mean"``: :math:`c = \frac1K\sum_j\|g_j\|`, the same direction with
+            the overall size of the gradients kept, so the update is equivariant to a common scale of all
+            losses (the learning rate keeps its usual meaning and the size still decays as training converges).
+
+    A task whose gradient is exactly zero gets weight 0.
+    """
+
+    def __init__(self, scale: str = "unit") -> None:
+        super().__init__()
+        if scale not in ("unit", "mean"):
+            raise ValueError(f"GradNormalize(scale=...) must be 'unit' or 'mean', got {scale!r}.")
+        self.scale = scale
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        norms = gramian.diagonal().clamp_min(0).sqrt()
+        positive = norms > 0
+        inv = torch.where(positive, 1.0 / torch.where(positive, norms, torch.ones_like(norms)), 0.0)
+        if self.scale == "mean":
+            inv = inv * norms.mean()
+        return inv
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale!r}"
+
+
+class MGDA(Weighting):
+    r"""Multiple-gradient descent: the min-norm point of the convex hull of the task gradients.
+
+    .. math::  w = \arg\min_{w \in \Delta^K} w^\top G w,\qquad u = \sum_k w_k g_k
+
+    Su, *多任务学习漫谈(二): 行梯度之事*, https://kexue.fm/archives/8896 (2022), after Sener & Koltun,
+    *Multi-Task Learning as Multi-Objective Optimization* (NeurIPS 2018, arXiv:1810.04650). The solution is the
+    dual of :math:`\max_u \min_i\langle g_i,u\rangle - \frac12\|u\|^2`, so
+    :math:`\langle g_i, u\rangle \ge \|u\|^2` for every task: no task's loss rises to first order, and
+    :math:`u = 0` exactly at a Pareto-stationary point.
+
+    Args:
+        method: ``"auto"`` (closed form for K = 2, exact support enumeration for K ≤ 8, Frank-Wolfe beyond),
+            ``"closed_form"`` (K = 2 only), ``"exact"`` or ``"frank_wolfe"``.
+        max_iter: Frank-Wolfe iterations (fixed: the loop never waits on the device to test convergence).
+
+    Closed form for two tasks (the triangle's altitude): :math:`w_1 = \mathrm{clip}\big(
+    \frac{G_{22}-G_{12}}{G_{11}+G_{22}-2G_{12}}, 0, 1\big)`, :math:`w_2 = 1-w_1`.
+    """
+
+    def __init__(self, method: str = "auto", max_iter: int = 100) -> None:
+        super().__init__()
+        _check_method(method, "MGDA")
+        if max_iter < 1:
+            raise ValueError(f"MGDA(max_iter=...) must be >= 1, got {max_iter}.")
+        self.method = method
+        self.max_iter = max_iter
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        k = gramian.shape[0]
+        method = _resolve_method(self.method, k)
+        if method == "closed_form":
+            if k == 1:
+                return torch.ones(1, dtype=gramian.dtype, device=gramian.device)
+            if k != 2:
+                raise ValueError(f"MGDA(method='closed_form') needs exactly 2 tasks, got {k}.")
+            return _mgda_two(gramian)
+        return min_norm_weights(gramian, range(k), method=method, max_iter=self.max_iter)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, max_iter={self.max_iter}"
+
+
+class PrimaryAuxiliary(Weighting):
+    r"""Descend the primary task(s) as steeply as possible while no auxiliary loss rises (to first order).
+
+    .. math::  \max_u \langle u, g_0\rangle - \tfrac12\|u\|^2 \ \text{ s.t. } \langle u, g_i\rangle \ge 0
+               \iff \min_{\lambda \ge 0} \tfrac12\big\|g_0 + \textstyle\sum_i \lambda_i g_i\big\|^2,
+               \quad u = g_0 + \sum_i \lambda_i g_i
+
+    Su, *多任务学习漫谈(三): 分主次之序*, https://kexue.fm/archives/8907 (2022). One auxiliary has the closed
+    form :math:`\lambda = \mathrm{relu}(-\langle g_0, g_1\rangle)/\|g_1\|^2`: a conflicting primary gradient is
+    projected onto the normal plane of :math:`g_1`, a non-conflicting one is left unchanged. Several auxiliaries
+    use the article's coordinate re-fit (pick :math:`\tau = \arg\min_i \langle g_i, u\rangle`, re-solve
+    :math:`\lambda_\tau` by the one-auxiliary rule) or, for K ≤ 8, the exact solution. Several primaries (the
+    article's "mixed case") take MGDA weights :math:`\alpha \in \Delta` among themselves:
+    :math:`\min_{\alpha\in\Delta,\lambda\ge0}\|\sum\alpha_p g_p + \sum\lambda_i g_i\|^2`.
+
+    Auxiliary gradients act only as constraints: they are never summed in where they do not conflict.
+
+    Args:
+        primary: the primary task(s), by name (as in the loss dict) or by index.
+        method: ``"auto"``, ``"closed_form"`` (one primary, one auxiliary), ``"exact"`` or ``"iterative"``
+            (the article's coordinate re-fit, with Frank-Wolfe steps among several primaries).
+        max_iter: iterations of the iterative solver.
+    """
+
+    def __init__(self, primary: str | int | Sequence[str | int], method: str = "auto", max_iter: int = 100) -> None:
+        super().__init__()
+        prim = [primary] if isinstance(primary, (str, int)) else list(primary)
+        if not prim:
+            raise ValueError("PrimaryAuxiliary(primary=...) needs at least one primary task.")
+        for p in prim:
+            if not isinstance(p, (str, int)) or isinstance(p, bool):
+                raise TypeError(f"PrimaryAuxiliary(primary=...) takes task names or indices, got {p!r}.")
+        if len(set(prim)) != len(prim):
+            raise ValueError(f"PrimaryAuxiliary(primary=...) lists a task twice: {prim}.")
+        _check_method(method, "PrimaryAuxiliary")
+        self.primary = prim
+        self.method = method
+        self.max_iter = max_iter
+        self._index: tuple[int, ...] | None = None if any(isinstance(p, str) for p in prim) else tuple(prim)
+
+    def bind(self, tasks: Sequence[str]) -> None:
+        tasks = tuple(tasks)
+        index = []
+        for p in self.primary:
+            if isinstance(p, str):
+                if p not in tasks:
+                    raise ValueError(
+                        f"PrimaryAuxiliary: primary task {p!r} is not among the tasks {list(tasks)}. "
+                        "Use a key of the dict passed to task_losses(...), or an index."
+                    )
+                index.append(tasks.index(p))
+            else:
+                if not -len(tasks) <= p < len(tasks):
+                    raise ValueError(f"PrimaryAuxiliary: primary index {p} is out of range for {len(tasks)} tasks.")
+                index.append(p % len(tasks))
+        if len(set(index)) != len(index):
+            raise ValueError(f"PrimaryAuxiliary: primary={self.primary} names the same task twice.")
+        super().bind(tasks)
+        self._index = tuple(index)
+
+    def primary_index(self, k: int) -> tuple[int, ...]:
+        if self._index is None:
+            raise RuntimeError(
+                f"PrimaryAuxiliary(primary={self.primary}) refers to tasks by name; call .bind(task_names) first "
+                "(the engine does this on the first step)."
+            )
+        for i in self._index:
+            if not -k <= i < k:
+                raise ValueError(f"PrimaryAuxiliary: primary index {i} is out of range for {k} tasks.")
+        return tuple(sorted(i % k for i in self._index))
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        k = gramian.shape[0]
+        prim = self.primary_index(k)
+        method = _resolve_method(self.method, k, one_primary=len(prim) == 1)
+        if method == "closed_form":
+            if k == 1:
+                return torch.ones(1, dtype=gramian.dtype, device=gramian.device)
+            if k != 2 or len(prim) != 1:
+                raise ValueError(
+                    "PrimaryAuxiliary(method='closed_form') needs one primary and one auxiliary task, "
+                    f"got {len(prim)} primary of {k} tasks."
+                )
+            return _primary_aux_two(gramian, prim[0])
+        return min_norm_weights(gramian, prim, method=method, max_iter=self.max_iter)
+
+    def extra_repr(self) -> str:
+        return f"primary={self.primary!r}, method={self.method!r}"
+
+
+class PCGrad(Weighting):
+    r"""Projecting conflicting gradients (Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020).
+
+    Each task gradient is, in a random order of the others, projected onto the normal plane of every gradient it
+    conflicts with: :math:`g_i \leftarrow g_i - \frac{\langle g_i, g_j\rangle}{\|g_j\|^2} g_j` when
+    :math:`\langle g_i, g_j\rangle < 0`; the update is the sum of the projected gradients. Each projected
+    gradient stays a linear combination :math:`c_i^\top g` of the originals, so the whole method runs on the
+    Gramian: :math:`\langle c_i^\top g, g_j\rangle = (c_i^\top G)_j` and :math:`w = \sum_i c_i`. It is the usual
+    baseline, not a method of the articles.
+
+    Args:
+        seed: seed of the permutations; the generator state is part of ``state_dict`` so a resumed run draws
+            the same orders as an uninterrupted one.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        k = gramian.shape[0]
+        dev, dt = gramian.device, gramian.dtype
+        # one random order of the other tasks per task, drawn on the host (no device sync), then copied over
+        order = torch.stack([torch.randperm(k, generator=self._generator) for _ in range(k)]).to(dev)
+        coef = torch.eye(k, dtype=dt, device=dev)
+        diag = gramian.diagonal()
+        rows = torch.arange(k, device=dev)
+        for s in range(k):
+            j = order[:, s]
+            dots = (coef @ gramian)[rows, j]  # <g_i', g_j> for each i
+            gjj = diag[j]
+            conflict = (dots < 0) & (j != rows) & (gjj > 0)
+            step = torch.where(conflict, dots / torch.where(gjj > 0, gjj, torch.ones_like(gjj)), 0.0)
+            coef = coef - step[:, None] * torch.nn.functional.one_hot(j, k).to(dt)
+        return coef.sum(0)
+
+    def get_extra_state(self) -> dict:
+        return {"generator": self._generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}"
+
+
+class _External(Weighting):
+    """Adapter for a third-party weighting module (e.g. a torchjd ``Weighting``) that maps G to w."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        return self.module(gramian).to(device=gramian.device, dtype=gramian.dtype)
+
+
+def as_weighting(obj: Weighting | nn.Module) -> Weighting:
+    """Return ``obj`` as a :class:`Weighting`; wrap another ``nn.Module`` mapping a K×K Gramian to K weights.
+
+    Any torchjd ``Weighting`` (``torchjd.aggregation.UPGradWeighting()``, ...) is accepted this way.
+    """
+    if isinstance(obj, Weighting):
+        return obj
+    if isinstance(obj, nn.Module):
+        return _External(obj)
+    raise TypeError(
+        f"Expected a lightning_mtl Weighting (Mean, Sum, GradNormalize, MGDA, PrimaryAuxiliary, PCGrad) or an "
+        f"nn.Module mapping a K×K Gramian to K weights (e.g. a torchjd Weighting), got {type(obj).__name__}."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# solvers
+
+
+def _check_method(method: str, who: str) -> None:
+    allowed = ("auto", "closed_form", "exact", "frank_wolfe", "iterative")
+    if method not in allowed:
+        raise ValueError(f"{who}(method=...) must be one of {allowed}, got {method!r}.")
+
+
+def _resolve_method(method: str, k: int, one_primary: bool = True) -> str:
+    if method == "auto":
+        if k <= 2 and one_primary:
+            return "closed_form"
+        return "exact" if k <= EXACT_MAX_TASKS else "iterative"
+    return "iterative" if method == "frank_wolfe" else method
+
+
+def _mgda_two(gramian: Tensor) -> Tensor:
+    g11, g22, g12 = gramian[0, 0], gramian[1, 1], gramian[0, 1]
+    denom = g11 + g22 - 2 * g12
+    w1 = torch.where(denom > 0, (g22 - g12) / torch.where(denom > 0, denom, torch.ones_like(denom)), 0.5)
+    w1 = w1.clamp(0, 1)
+    return torch.stack([w1, 1 - w1])
+
+
+def _primary_aux_two(gramian: Tensor, primary: int) -> Tensor:
+    aux = 1 - primary
+    gaa = gramian[aux, aux]
+    lam = torch.where(gaa > 0, torch.relu(-gramian[primary, aux]) / torch.where(gaa > 0, gaa, torch.ones_like(gaa)), 0.0)
+    w = torch.empty(2, dtype=gramian.dtype, device=gramian.device)
+    w[primary] = 1.0
+    w[aux] = lam
+    return w
+
+
+def min_norm_weights(gramian: Tensor, primary: Sequence[int] | range, method: str = "exact", max_iter: int = 100) -> Tensor:
+    r"""Solve :math:`\min_x x^\top G x` s.t. :math:`x_P \in \Delta` (primaries sum to 1, non-negative) and
+    :math:`x_A \ge 0` (the other tasks, auxiliaries, only non-negative).
+
+    With every task primary this is MGDA's min-norm point of the convex hull; with one primary it is the
+    primary/auxiliary problem of MTL(3) (:math:`x_0 = 1`, :math:`\lambda = x_A`).
+
+    ``method="exact"`` enumerates the supports: for each non-empty set of primaries and any set of auxiliaries it
+    solves the KKT system restricted to that support (one batched ``solve``), keeps the non-negative solutions and
+    returns the one of least :math:`x^\top G x`. The optimum lies on some support whose system is regular (if a
+    support's system is singular, the same objective is reached on a smaller one), so this is exact up to
+    round-off, and the result is always feasible. Cost: :math:`2^K` systems of size K+1; meant for K ≤ 8-10.
+
+    ``method="iterative"``: Frank-Wolfe on the primaries (step 1: :math:`\tau=\arg\min_{i\in P}(Gx)_i`; exact
+    line search towards :math:`e_\tau`) alternated with the article's coordinate re-fit of the auxiliary
+    :math:`\tau=\arg\min_{i\in A}(Gx)_i`: :math:`x_\tau \leftarrow \mathrm{relu}(x_\tau - (Gx)_\tau/G_{\tau\tau})`.
+    A fixed number of iterations, no device synchronisation.
+    """
+    g = gramian.to(torch.float64)
+    k = g.shape[0]
+    prim = tuple(sorted(set(int(i) for i in primary)))
+    if not prim:
+        raise ValueError("min_norm_weights needs at least one primary (simplex) coordinate.")
+    if method == "exact":
+        return _exact(g, prim)
+    if method == "iterative":
+        return _iterative(g, prim, max_iter)
+    raise ValueError(f"min_norm_weights(method=...) must be 'exact' or 'iterative', got {method!r}.")
+
+
+@lru_cache(maxsize=64)
+def _supports(k: int, prim: tuple[int, ...]) -> tuple[tuple[bool, ...], ...]:
+    aux = [i for i in range(k) if i not in prim]
+    out = []
+    for r in range(1, len(prim) + 1):
+        for ps in itertools.combinations(prim, r):
+            for ra in range(len(aux) + 1):
+                for asub in itertools.combinations(aux, ra):
+                    s = set(ps) | set(asub)
+                    out.append(tuple(i in s for i in range(k)))
+    return tuple(out)
+
+
+def _exact(g: Tensor, prim: tuple[int, ...]) -> Tensor:
+    k = g.shape[0]
+    dev = g.device
+    m = torch.tensor(_supports(k, prim), device=dev)  # [S, K] bool
+    p = torch.zeros(k, dtype=g.dtype, device=dev)
+    p[list(prim)] = 1.0
+    n = m.shape[0]
+    mf = m.to(g.dtype)
+    eye = torch.eye(k, dtype=g.dtype, device=dev)
+    a = torch.zeros(n, k + 1, k + 1, dtype=g.dtype, device=dev)
+    # rows i in the support: (G x)_i - nu * p_i = 0 with x_j = 0 off the support; other rows: x_i = 0
+    a[:, :k, :k] = torch.where(m[:, :, None], g[None] * mf[:, None, :], eye[None])
+    a[:, :k, k] = -p[None] * mf
+    a[:, k, :k] = p[None] * mf
+    b = torch.zeros(n, k + 1, dtype=g.dtype, device=dev)
+    b[:, k] = 1.0
+    sol, info = torch.linalg.solve_ex(a, b)
+    x = sol[:, :k] * mf
+    scale = x.abs().amax(dim=1).clamp_min(1.0)
+    feasible = (info == 0) & torch.isfinite(x).all(dim=1) & (x >= -1e-9 * scale[:, None]).all(dim=1)
+    x = torch.where(feasible[:, None], x, torch.zeros_like(x))
+    x = x.clamp_min(0)
+    x = x / (x * p).sum(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    obj = torch.einsum("si,ij,sj->s", x, g, x)
+    obj = torch.where(feasible & torch.isfinite(obj), obj, torch.full_like(obj, float("inf")))
+    return x[obj.argmin()]
+
+
+def _iterative(g: Tensor, prim: tuple[int, ...], max_iter: int) -> Tensor:
+    k = g.shape[0]
+    dev, dt = g.device, g.dtype
+    is_p = torch.zeros(k, dtype=torch.bool, device=dev)
+    is_p[list(prim)] = True
+    x = torch.where(is_p, 1.0 / len(prim), 0.0).to(dt)
+    diag = g.diagonal()
+    inf = torch.tensor(float("inf"), dtype=dt, device=dev)
+    has_aux = len(prim) < k
+    for _ in range(max_iter):
+        if len(prim) > 1:  # Frank-Wolfe step among the primaries
+            gx = g @ x
+            tau = torch.where(is_p, gx, inf).argmin()
+            d = torch.nn.functional.one_hot(tau, k).to(dt) * is_p - torch.where(is_p, x, 0.0)
+            dgd = d @ g @ d
+            gamma = torch.where(dgd > 0, -(d @ gx) / torch.where(dgd > 0, dgd, torch.ones_like(dgd)), 0.0).clamp(0, 1)
+            x = x + gamma * d
+        if has_aux:  # the article's coordinate re-fit of the most violated auxiliary
+            gx = g @ x
+            tau = torch.where(is_p, inf, gx).argmin()
+            gtt = diag[tau]
+            new = torch.where(gtt > 0, torch.relu(x[tau] - gx[tau] / torch.where(gtt > 0, gtt, torch.ones_like(gtt))), 0.0)
+            x = x + (new - x[tau]) * torch.nn.functional.one_hot(tau, k).to(dt)
+    return x
