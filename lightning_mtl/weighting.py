@@ -488,7 +488,7 @@ def _iterative(g: Tensor, prim: tuple[int, ...], max_iter: int) -> Tensor:
     dev, dt = g.device, g.dtype
     is_p = torch.zeros(k, dtype=torch.bool, device=dev)
     is_p[list(prim)] = True
-    x = torch.where(is_p, 1.0 / len(prim), 0.0).to(dt)
+    x = is_p.to(dt) / len(prim)
     diag = g.diagonal()
     inf = torch.tensor(float("inf"), dtype=dt, device=dev)
     has_aux = len(prim) < k
