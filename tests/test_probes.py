@@ -1,0 +1,283 @@
+"""Tests of the training probes (lightning_mtl.callbacks.probes, lightning_mtl.probes_math)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe, find_residual_blocks
+from lightning_mtl.probes_math import parameter_stats, reduce_sharded_rows, select_layers
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tiny models
+# ------------------------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, width: int, eps: float, dropout: float = 0.0, norm: bool = False) -> None:
+        super().__init__()
+        self.ffn = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Dropout(dropout))
+        self.norm = nn.BatchNorm1d(width) if norm else nn.Identity()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.eps * self.ffn(x))
+
+
+class Net(pl.LightningModule):
+    def __init__(
+        self, depth: int = 3, width: int = 4, eps: float = 0.5, opt: str = "sgd", lr: float = 0.1, **kw: object
+    ) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, width)
+        self.blocks = nn.ModuleList([Block(width, eps, **kw) for _ in range(depth)])  # type: ignore[arg-type]
+        self.out = nn.Linear(width, 2)
+        self.opt, self.lr = opt, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = self.loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        if self.opt == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def data(n: int = 16, batch: int = 8, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 2, generator=g))
+    return DataLoader(ds, batch_size=batch, shuffle=False)
+
+
+def trainer(tmp_path, steps: int, callbacks=(), **kw) -> pl.Trainer:  # type: ignore[no-untyped-def]
+    opts = dict(
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+    )
+    opts.update(kw)
+    return pl.Trainer(callbacks=list(callbacks), **opts)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# hand computations
+# ------------------------------------------------------------------------------------------------------------------
+def test_gradient_probe_equals_hand_computation_sgd(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    probe = GradientMagnitudeProbe(every_n_steps=2)
+    trainer(tmp_path, 2, [probe]).fit(model, data())
+
+    # by hand: SGD step 1 on batch 0, then step 2 on batch 1 (the probe step)
+    batches = list(data())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt.zero_grad()
+    ref.loss(batches[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    loss_before = ref.loss(batches[1])
+    loss_before.backward()
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    opt.step()
+    with torch.no_grad():
+        loss_after = ref.loss(batches[1])
+
+    (entry,) = probe.history
+    assert entry["step"] == 2
+    total = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
+    assert entry["grad_norm/total"] == pytest.approx(total, rel=1e-6)
+    layer = "blocks.1.ffn.0"
+    g_l = math.sqrt(float(grads[f"{layer}.weight"].square().sum() + grads[f"{layer}.bias"].square().sum()))
+    assert entry[f"grad_norm/{layer}"] == pytest.approx(g_l, rel=1e-6)
+    d = sum(float((ref.get_parameter(f"{layer}.{k}") - before[f"{layer}.{k}"]).square().sum()) for k in ("weight", "bias"))
+    w = sum(float(before[f"{layer}.{k}"].square().sum()) for k in ("weight", "bias"))
+    assert entry[f"update_ratio/{layer}"] == pytest.approx(math.sqrt(d / w), rel=1e-5)
+    assert entry["loss_change/predicted"] == pytest.approx(-0.1 * total**2, rel=1e-6)
+    assert entry["loss_change/linear"] == pytest.approx(-0.1 * total**2, rel=1e-4)  # plain SGD: <g, -ηg>
+    assert entry["loss_change/observed"] == pytest.approx(float(loss_after - loss_before), rel=1e-5, abs=1e-8)
+    assert probe.layer_names == ["inp", "blocks.0.ffn.0", "blocks.1.ffn.0", "blocks.2.ffn.0", "out"]
+    # the trained model equals the hand-trained one
+    for (_, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+def test_adam_first_step_is_sign_descent(tmp_path):
+    """First bias-corrected Adam step is -η·sign(g): <g, Δθ> = -η‖g‖₁, the article's Adam prediction."""
+    torch.manual_seed(0)
+    probe = GradientMagnitudeProbe(every_n_steps=1)
+    trainer(tmp_path, 1, [probe]).fit(Net(opt="adam", lr=1e-3), data())
+    (entry,) = probe.history
+    assert entry["loss_change/predicted"] == entry["loss_change/predicted_adam"]
+    assert entry["loss_change/linear"] == pytest.approx(entry["loss_change/predicted_adam"], rel=1e-3)
+    assert entry["loss_change/observed"] < 0
+
+
+def test_residual_probe_equals_hand_computation(tmp_path):
+    torch.manual_seed(0)
+    model = Net(depth=3, eps=0.5)
+    ref = copy.deepcopy(model)
+    probe = ResidualProbe(every_n_steps=2, probe_size=5)
+    trainer(tmp_path, 4, [probe]).fit(model, data())
+    assert probe.block_names == ["blocks.0", "blocks.1", "blocks.2"]
+    assert [h["step"] for h in probe.history] == [0, 2, 4]
+    x = next(iter(data()))[0][:5]
+    with torch.no_grad():
+        h0 = ref.inp(x)
+        branch = 0.5 * ref.blocks[0].ffn(h0)
+        out0, out4 = ref(x), model(x)
+    assert probe.history[0]["branch_ratio/blocks.0"] == pytest.approx(float(branch.norm() / h0.norm()), rel=1e-6)
+    assert probe.history[0]["model_update"] == 0
+    assert probe.history[-1]["model_update"] == pytest.approx(float((out4 - out0).norm()), rel=1e-5)
+    assert probe.history[-1]["model_update/relative"] == pytest.approx(float((out4 - out0).norm() / out0.norm()), rel=1e-5)
+    assert probe.history[-1]["output_norm"] == pytest.approx(float(out4.norm()), rel=1e-6)
+
+
+def test_math_helpers():
+    names = ["a", "b.0", "b.1", "b.2", "c"]
+    assert select_layers(names, "all") == names
+    assert select_layers(names, "first,middle,last") == ["a", "b.1", "c"]
+    assert select_layers(names, "0,-2") == ["a", "b.2"]
+    assert select_layers(names, r"^b\.") == ["b.0", "b.1", "b.2"]
+    with pytest.raises(ValueError, match="matches none of the 5 layers"):
+        select_layers(names, "nothing_like_this")
+    p = [torch.tensor([3.0, -4.0])]
+    rows = parameter_stats(p, [torch.tensor([1.0, -2.0])], [torch.tensor([3.0, -3.0])])
+    assert rows.tolist() == [[5.0, 3.0, 1.0, 18.0, 2.0]]
+    assert reduce_sharded_rows(rows, p) is rows  # plain tensors: nothing to reduce
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# no effect on training
+# ------------------------------------------------------------------------------------------------------------------
+def _train(tmp_path, callbacks):  # type: ignore[no-untyped-def]
+    torch.manual_seed(1)
+    model = Net(depth=3, width=6, eps=1.0, opt="adam", lr=1e-2, dropout=0.3, norm=True)
+    trainer(tmp_path, 6, callbacks).fit(model, data(n=32))
+    return model, torch.get_rng_state()
+
+
+def test_probes_do_not_change_training_bitwise(tmp_path):
+    plain, rng_plain = _train(tmp_path / "a", [])
+    probes = [GradientMagnitudeProbe(every_n_steps=2), ResidualProbe(every_n_steps=2)]
+    probed, rng_probed = _train(tmp_path / "b", probes)
+    assert len(probes[0].history) == 3 and len(probes[1].history) == 4
+    assert "loss_change/observed" in probes[0].history[0]
+    for (n, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n  # parameters and BatchNorm buffers
+    assert torch.equal(rng_plain, rng_probed)
+    assert probed.training and all(m.training for m in probed.modules())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# logging, plots, options
+# ------------------------------------------------------------------------------------------------------------------
+def test_logger_gets_selected_layers_and_png(tmp_path):
+    torch.manual_seed(0)
+    logger = CSVLogger(tmp_path, name="run")
+    gp, rp = GradientMagnitudeProbe(every_n_steps=2), ResidualProbe(every_n_steps=2, log_blocks="last")
+    trainer(tmp_path, 4, [gp, rp], logger=logger, log_every_n_steps=1).fit(Net(depth=4), data())
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        header = next(csv.reader(f))
+    assert "probe/grad_norm/total" in header and "probe/model_update" in header
+    layer_keys = sorted(k for k in header if k.startswith("probe/grad_norm/") and k != "probe/grad_norm/total")
+    assert layer_keys == ["probe/grad_norm/blocks.2.ffn.0", "probe/grad_norm/inp", "probe/grad_norm/out"]
+    assert [k for k in header if k.startswith("probe/branch_ratio/")] == ["probe/branch_ratio/blocks.3"]
+    assert len([k for k in gp.history[0] if k.startswith("grad_norm/")]) == 7  # all layers kept on the callback
+    assert gp.plot_path == os.path.join(logger.log_dir, "gradient_magnitude_probe.png")
+    assert os.path.getsize(gp.plot_path) > 1000 and os.path.getsize(rp.plot_path) > 1000
+
+
+def test_no_logger_keeps_history_and_writes_png_to_root_dir(tmp_path, caplog):
+    probe = GradientMagnitudeProbe(every_n_steps=1, layers=r"blocks\.\d\.ffn", loss_change=False)
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, 2, [probe]).fit(Net(), data())
+    assert sum("has no logger" in r.getMessage() for r in caplog.records) == 1
+    assert probe.layer_names == ["blocks.0.ffn.0", "blocks.1.ffn.0", "blocks.2.ffn.0"]
+    assert len(probe.history) == 2 and "loss_change/observed" not in probe.history[0]
+    assert probe.plot_path == os.path.join(str(tmp_path), "gradient_magnitude_probe.png")
+    assert os.path.exists(probe.plot_path)
+
+
+def test_accumulation_skips_observed_change(tmp_path):
+    probe = GradientMagnitudeProbe(every_n_steps=1)
+    with pytest.warns(UserWarning, match="accumulate_grad_batches > 1"):
+        trainer(tmp_path, 2, [probe], accumulate_grad_batches=2).fit(Net(), data(n=32))
+    assert [h["step"] for h in probe.history] == [1, 2]
+    assert "loss_change/observed" not in probe.history[0] and "update_ratio/total" in probe.history[0]
+
+
+def test_state_dict_round_trip(tmp_path):
+    rp = ResidualProbe(every_n_steps=1)
+    trainer(tmp_path, 2, [rp]).fit(Net(), data())
+    state = rp.state_dict()
+    fresh = ResidualProbe(every_n_steps=1)
+    fresh.load_state_dict(state)
+    assert fresh.history == rp.history
+    assert torch.equal(fresh._ref_out, rp._ref_out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad arguments
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("every", [0, -3, 1.5, True])
+def test_bad_interval(every):  # type: ignore[no-untyped-def]
+    with pytest.raises(MisconfigurationException, match="every_n_steps=...\\) must be a positive integer"):
+        GradientMagnitudeProbe(every_n_steps=every)
+    with pytest.raises(MisconfigurationException, match="every_n_steps"):
+        ResidualProbe(every_n_steps=every)
+
+
+def test_bad_arguments_messages(tmp_path):
+    with pytest.raises(MisconfigurationException, match="not a valid regular expression"):
+        GradientMagnitudeProbe(layers="blocks(")
+    with pytest.raises(MisconfigurationException, match="rule"):
+        GradientMagnitudeProbe(rule="lamb")  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match="probe_size"):
+        ResidualProbe(probe_size=0)
+    with pytest.raises(MisconfigurationException, match=r"layers='attention'\).*matches none of the 5 layers"):
+        trainer(tmp_path, 1, [GradientMagnitudeProbe(layers="attention")]).fit(Net(), data())
+    plain = Net()
+    plain.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Tanh()])  # no repeated block class
+    with pytest.raises(MisconfigurationException, match="found no residual blocks"):
+        trainer(tmp_path, 1, [ResidualProbe()]).fit(plain, data())
+    with pytest.raises(MisconfigurationException, match="blocks='attn' matched no submodule"):
+        trainer(tmp_path, 1, [ResidualProbe(blocks="attn")]).fit(Net(), data())
+    with pytest.raises(MisconfigurationException, match="has no submodule 'mlp'"):
+        trainer(tmp_path, 1, [ResidualProbe(branch="mlp")]).fit(Net(), data())
+
+
+def test_block_discovery_rule():
+    model = Net(depth=2)
+    assert [n for n, _ in find_residual_blocks(model)] == ["blocks.0", "blocks.1"]
