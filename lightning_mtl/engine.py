@@ -198,14 +198,14 @@ class GradientEngine:
         for loss in record.losses.values():
             (g,) = torch.autograd.grad(loss * factor.to(loss.dtype), z, retain_graph=True, allow_unused=True)
             d.append(torch.zeros_like(z) if g is None else g)
-        flat = torch.stack([g.reshape(-1) for g in d]).float()
+        flat = torch.stack([g.reshape(-1) for g in d]).to(torch.promote_types(z.dtype, torch.float32))
         gram = (flat @ flat.mT).double() / factor.double().square()
         if not self.rank_local and _world() > 1:
             dist.all_reduce(gram)
             gram = gram / _world() ** 2
             self.bytes_all_reduced += gram.numel() * gram.element_size()
         w = self._weigh(gram)
-        combined = (w.float() @ flat).view_as(z)
+        combined = (w.to(flat.dtype) @ flat).view_as(z)
         z.register_hook(lambda grad: combined.to(grad.dtype))
 
     def _weigh(self, gram: Tensor) -> Tensor:

@@ -87,7 +87,9 @@ class InitialLossNormalization(Scalarizer):
         out = {}
         for k, v in losses.items():
             if k not in initial:
-                raise KeyError(f"InitialLossNormalization: task {k!r} was not seen at the start (known: {list(initial)}).")
+                raise KeyError(
+                    f"InitialLossNormalization: task {k!r} was not seen at the start (known: {list(initial)})."
+                )
             out[k] = v / (initial[k].to(v.device, v.dtype) + self.eps)
         return out
 
@@ -110,7 +112,9 @@ class PriorLossNormalization(Scalarizer):
     def __init__(self, priors: Mapping[str, float]) -> None:
         super().__init__()
         if not priors:
-            raise ValueError("PriorLossNormalization needs a prior loss per task, e.g. {'cls': classification_prior(counts)}.")
+            raise ValueError(
+                "PriorLossNormalization needs a prior loss per task, e.g. {'cls': classification_prior(counts)}."
+            )
         for k, v in priors.items():
             if not v > 0 or not math.isfinite(v):
                 raise ValueError(f"The prior loss of task {k!r} must be positive and finite, got {v}.")
@@ -195,7 +199,8 @@ class GeneralizedMean(Scalarizer):
 class UncertaintyWeighting(Scalarizer):
     r"""Homoscedastic-uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018; not in the articles):
 
-    .. math:: \mathcal L = \sum_k \tfrac12 e^{-s_k}\mathcal L_k + \tfrac12 s_k,\qquad s_k = \log\sigma_k^2 \text{ learned}
+    .. math:: \mathcal L = \sum_k \tfrac12 e^{-s_k}\mathcal L_k + \tfrac12 s_k,
+              \qquad s_k = \log\sigma_k^2 \text{ learned}
 
     The :math:`s_k` are parameters of this module: keep it inside the LightningModule so ``configure_optimizers``
     sees them (``self.parameters()``). At the optimum :math:`e^{s_k} = \mathcal L_k`, i.e. each task is divided

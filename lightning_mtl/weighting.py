@@ -405,14 +405,18 @@ def _mgda_two(gramian: Tensor) -> Tensor:
 def _primary_aux_two(gramian: Tensor, primary: int) -> Tensor:
     aux = 1 - primary
     gaa = gramian[aux, aux]
-    lam = torch.where(gaa > 0, torch.relu(-gramian[primary, aux]) / torch.where(gaa > 0, gaa, torch.ones_like(gaa)), 0.0)
+    lam = torch.where(
+        gaa > 0, torch.relu(-gramian[primary, aux]) / torch.where(gaa > 0, gaa, torch.ones_like(gaa)), 0.0
+    )
     w = torch.empty(2, dtype=gramian.dtype, device=gramian.device)
     w[primary] = 1.0
     w[aux] = lam
     return w
 
 
-def min_norm_weights(gramian: Tensor, primary: Sequence[int] | range, method: str = "exact", max_iter: int = 100) -> Tensor:
+def min_norm_weights(
+    gramian: Tensor, primary: Sequence[int] | range, method: str = "exact", max_iter: int = 100
+) -> Tensor:
     r"""Solve :math:`\min_x x^\top G x` s.t. :math:`x_P \in \Delta` (primaries sum to 1, non-negative) and
     :math:`x_A \ge 0` (the other tasks, auxiliaries, only non-negative).
 
@@ -431,7 +435,6 @@ def min_norm_weights(gramian: Tensor, primary: Sequence[int] | range, method: st
     A fixed number of iterations, no device synchronisation.
     """
     g = gramian.to(torch.float64)
-    k = g.shape[0]
     prim = tuple(sorted(set(int(i) for i in primary)))
     if not prim:
         raise ValueError("min_norm_weights needs at least one primary (simplex) coordinate.")
@@ -504,6 +507,8 @@ def _iterative(g: Tensor, prim: tuple[int, ...], max_iter: int) -> Tensor:
             gx = g @ x
             tau = torch.where(is_p, inf, gx).argmin()
             gtt = diag[tau]
-            new = torch.where(gtt > 0, torch.relu(x[tau] - gx[tau] / torch.where(gtt > 0, gtt, torch.ones_like(gtt))), 0.0)
+            new = torch.where(
+                gtt > 0, torch.relu(x[tau] - gx[tau] / torch.where(gtt > 0, gtt, torch.ones_like(gtt))), 0.0
+            )
             x = x + (new - x[tau]) * torch.nn.functional.one_hot(tau, k).to(dt)
     return x

@@ -36,13 +36,24 @@ def _qp(gram: np.ndarray, primary: list[int]) -> float:
     """Independent reference: SLSQP on the same problem, from several starts."""
     k = gram.shape[0]
     aux = [i for i in range(k) if i not in primary]
-    cons = [{"type": "eq", "fun": lambda x: x[primary].sum() - 1.0, "jac": lambda x: np.isin(np.arange(k), primary) * 1.0}]
+    cons = [
+        {
+            "type": "eq",
+            "fun": lambda x: x[primary].sum() - 1.0,
+            "jac": lambda x: np.isin(np.arange(k), primary) * 1.0,
+        }
+    ]
     best = np.inf
     starts = [np.where(np.isin(np.arange(k), primary), 1.0 / len(primary), 0.0)] + [np.eye(k)[p] for p in primary]
     for x0 in starts:
         res = minimize(
-            lambda x: x @ gram @ x, x0, jac=lambda x: 2 * gram @ x, bounds=[(0, None)] * k, constraints=cons,
-            method="SLSQP", options={"ftol": 1e-15, "maxiter": 500},
+            lambda x: x @ gram @ x,
+            x0,
+            jac=lambda x: 2 * gram @ x,
+            bounds=[(0, None)] * k,
+            constraints=cons,
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 500},
         )
         x = np.clip(res.x, 0, None)
         x[primary] /= x[primary].sum()
@@ -186,7 +197,9 @@ def test_primary_auxiliary_one_auxiliary_projects_onto_the_normal_plane():
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
-@given(jacobians(k_min=3, k_max=6, n_min=8))  # iterative solver: checked where gradients span K dimensions, as in training
+@given(
+    jacobians(k_min=3, k_max=6, n_min=8)
+)  # iterative solver: checked where gradients span K dimensions, as in training
 def test_primary_auxiliary_mixed_case(jac):
     """Two primaries (simplex) and the rest auxiliaries: exact solver vs an independent QP, and the iterative
     (Frank-Wolfe + coordinate re-fit) solver close to it."""
@@ -252,8 +265,16 @@ def test_pcgrad_state_dict_restores_the_random_order():
 
 # --- robustness --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "make", [mtl.Mean, mtl.GradNormalize, mtl.MGDA, lambda: mtl.MGDA(method="frank_wolfe"), mtl.PCGrad,
-             lambda: mtl.PrimaryAuxiliary(0), lambda: mtl.PrimaryAuxiliary(0, method="iterative")],
+    "make",
+    [
+        mtl.Mean,
+        mtl.GradNormalize,
+        mtl.MGDA,
+        lambda: mtl.MGDA(method="frank_wolfe"),
+        mtl.PCGrad,
+        lambda: mtl.PrimaryAuxiliary(0),
+        lambda: mtl.PrimaryAuxiliary(0, method="iterative"),
+    ],
 )
 @pytest.mark.parametrize("bad", ["nan", "inf", "asymmetric"])
 def test_bad_gramian_falls_back_to_mean_and_warns_once(make, bad):

@@ -46,8 +46,9 @@ class MultiTaskGradient(Callback):
         validate: check every step that the task losses are finite (without a GradScaler; with one, non-finite
             values are left to the scaler, which skips the step) and that ``training_step`` returned the value of
             ``task_losses`` unchanged. Costs one device synchronisation per step; turn off once the setup works.
-        log_every_n_steps: log per-task weights, gradient norms and pairwise cosines every that many optimiser
-            steps (default: the Trainer's ``log_every_n_steps``); ``0`` disables logging.
+        log: log per-task weights (``mtl/weight/<task>``), gradient norms (``mtl/grad_norm/<task>``; in
+            representation mode the norms of dL/dz) and pairwise cosines (``mtl/cos/<a>~<b>``) at the Trainer's
+            ``log_every_n_steps``.
         rank_local: representation mode under DDP: weight with each rank's own Gramian (no all-reduce).
 
     Raises:
@@ -71,22 +72,18 @@ class MultiTaskGradient(Callback):
         mode: Literal["parameter", "representation"] = "parameter",
         *,
         validate: bool = True,
-        log_every_n_steps: int | None = None,
+        log: bool = True,
         rank_local: bool = False,
     ) -> None:
         if mode not in ("parameter", "representation"):
             raise MisconfigurationException(
                 f"MultiTaskGradient(mode=...) should be 'parameter' or 'representation', got {mode!r}."
             )
-        if log_every_n_steps is not None and log_every_n_steps < 0:
-            raise MisconfigurationException(
-                f"MultiTaskGradient(log_every_n_steps=...) should be >= 0 or None, got {log_every_n_steps}."
-            )
         if rank_local and mode != "representation":
             raise MisconfigurationException("MultiTaskGradient(rank_local=True) only applies to mode='representation'.")
         self.engine = GradientEngine(weighting, mode, rank_local=rank_local)
         self.validate = validate
-        self.log_every_n_steps = log_every_n_steps
+        self.log = log
         self._checked = False
 
     @property
@@ -137,7 +134,13 @@ class MultiTaskGradient(Callback):
         self.engine.capture(record, pl_module, grad_scale=scale, accumulation=accumulation)
 
     def _validate(
-        self, losses: dict[str, Tensor], total: Tensor, loss: Tensor, scale: Tensor | float, acc: int, amp: bool
+        self,
+        losses: dict[str, Tensor],
+        total: Tensor,
+        loss: Tensor,
+        scale: Tensor | float,
+        acc: int,
+        amp: bool,
     ) -> None:
         values = torch.stack([v.detach().float() for v in losses.values()])
         expected = total.detach().float() * (scale / acc if isinstance(scale, float) else scale.float() / acc)
@@ -165,8 +168,7 @@ class MultiTaskGradient(Callback):
         weights = self.engine.apply()
         if weights is None:
             return
-        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
-        if every and (trainer.global_step + 1) % every == 0:
+        if self.log and trainer._logger_connector.should_update_logs:  # the steps the Trainer writes out
             self._log(pl_module)
 
     def _log(self, pl_module: pl.LightningModule) -> None:
@@ -197,4 +199,3 @@ class MultiTaskGradient(Callback):
 
 def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     return getattr(trainer.precision_plugin, "scaler", None)
-
