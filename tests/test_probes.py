@@ -121,7 +121,10 @@ def test_gradient_probe_equals_hand_computation_sgd(tmp_path):
     layer = "blocks.1.ffn.0"
     g_l = math.sqrt(float(grads[f"{layer}.weight"].square().sum() + grads[f"{layer}.bias"].square().sum()))
     assert entry[f"grad_norm/{layer}"] == pytest.approx(g_l, rel=1e-6)
-    d = sum(float((ref.get_parameter(f"{layer}.{k}") - before[f"{layer}.{k}"]).square().sum()) for k in ("weight", "bias"))
+    d = sum(
+        float((ref.get_parameter(f"{layer}.{k}").detach() - before[f"{layer}.{k}"]).square().sum())
+        for k in ("weight", "bias")
+    )
     w = sum(float(before[f"{layer}.{k}"].square().sum()) for k in ("weight", "bias"))
     assert entry[f"update_ratio/{layer}"] == pytest.approx(math.sqrt(d / w), rel=1e-5)
     assert entry["loss_change/predicted"] == pytest.approx(-0.1 * total**2, rel=1e-6)
@@ -160,7 +163,9 @@ def test_residual_probe_equals_hand_computation(tmp_path):
     assert probe.history[0]["branch_ratio/blocks.0"] == pytest.approx(float(branch.norm() / h0.norm()), rel=1e-6)
     assert probe.history[0]["model_update"] == 0
     assert probe.history[-1]["model_update"] == pytest.approx(float((out4 - out0).norm()), rel=1e-5)
-    assert probe.history[-1]["model_update/relative"] == pytest.approx(float((out4 - out0).norm() / out0.norm()), rel=1e-5)
+    assert probe.history[-1]["model_update/relative"] == pytest.approx(
+        float((out4 - out0).norm() / out0.norm()), rel=1e-5
+    )
     assert probe.history[-1]["output_norm"] == pytest.approx(float(out4.norm()), rel=1e-6)
 
 
@@ -253,7 +258,7 @@ def test_state_dict_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("every", [0, -3, 1.5, True])
 def test_bad_interval(every):  # type: ignore[no-untyped-def]
-    with pytest.raises(MisconfigurationException, match="every_n_steps=...\\) must be a positive integer"):
+    with pytest.raises(MisconfigurationException, match=r"every_n_steps=\.\.\.\) must be a positive integer"):
         GradientMagnitudeProbe(every_n_steps=every)
     with pytest.raises(MisconfigurationException, match="every_n_steps"):
         ResidualProbe(every_n_steps=every)
@@ -281,3 +286,77 @@ def test_bad_arguments_messages(tmp_path):
 def test_block_discovery_rule():
     model = Net(depth=2)
     assert [n for n, _ in find_residual_blocks(model)] == ["blocks.0", "blocks.1"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# several processes
+# ------------------------------------------------------------------------------------------------------------------
+class _DumpHistories(Callback):
+    """Write every probe's history of this rank to ``rank<r>.json`` (the spawned processes' callbacks are copies)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        histories = [cb.history for cb in trainer.callbacks if isinstance(cb, (GradientMagnitudeProbe, ResidualProbe))]
+        with open(os.path.join(self.path, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"histories": histories, "fsdp2": _fsdp2_check()}, f)
+
+
+def _fsdp2_check() -> str:
+    """Real FSDP2 (``fully_shard`` over the 2 gloo processes): sums of squares of DTensor shards are all-reduced.
+
+    Runs inside the ddp_spawn processes of the DDP test, which saves starting two more processes.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    ref = copy.deepcopy(model)
+    fully_shard(model)
+    x = torch.randn(6, 3)
+    model(x).square().mean().backward()  # same data on both ranks: the averaged gradient is the full one
+    ref(x).square().mean().backward()
+    params = list(model.parameters())
+    if not all(hasattr(p, "to_local") for p in params):
+        return "expected DTensor parameters"
+    before = [p.to_local().detach().clone() for p in params]
+    local = parameter_stats(params, [p.grad for p in params], before)
+    rows = reduce_sharded_rows(local, params)
+    expected = parameter_stats(list(ref.parameters()), [p.grad for p in ref.parameters()], None)
+    if torch.allclose(local[:, 0], expected[:, 0]):
+        return "a local shard already gave the global norm: the check is vacuous"
+    try:
+        torch.testing.assert_close(rows[:, :2], expected[:, :2])  # squared L2 and L1 grad norms: global
+        torch.testing.assert_close(rows[:, 3], expected[:, 3])  # weight norms
+    except AssertionError as err:
+        return str(err)
+    return "ok"
+
+
+@pytest.mark.slow
+def test_ddp_spawn_global_norm_on_every_rank_and_fsdp2_sharded_norms(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    probes = [GradientMagnitudeProbe(every_n_steps=1), ResidualProbe(every_n_steps=1)]
+    t = trainer(tmp_path, 1, [*probes, _DumpHistories(str(tmp_path))], strategy="ddp_spawn", devices=2)
+    t.fit(model, data(n=16, batch=8))  # each rank: one batch of 8 of the 16 samples
+    with open(tmp_path / "rank0.json") as f0, open(tmp_path / "rank1.json") as f1:
+        result0, result1 = json.load(f0), json.load(f1)
+    assert result0["fsdp2"] == "ok" and result1["fsdp2"] == "ok"
+    rank0, rank1 = result0["histories"], result1["histories"]
+    assert rank0 == rank1  # every rank computed the same (global) values
+
+    full = next(iter(data(n=16, batch=16)))  # the mean of the two rank means is the full-batch mean
+    loss_before = ref.loss(full)
+    loss_before.backward()
+    total = math.sqrt(sum(float(p.grad.square().sum()) for p in ref.parameters()))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.sub_(0.1 * p.grad)
+        loss_after = ref.loss(full)
+    (entry,) = rank0[0]
+    assert entry["grad_norm/total"] == pytest.approx(total, rel=1e-5)
+    assert entry["loss_change/observed"] == pytest.approx(float(loss_after - loss_before.detach()), rel=1e-4)
+    assert [h["step"] for h in rank0[1]] == [0, 1]
