@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe, find_residual_blocks
 from lightning_mtl.probes_math import parameter_stats, reduce_sharded_rows, select_layers
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # type: ignore[no-untyped-def]
+    """Tiny models: one thread is much faster than two on a shared 2-core machine (no OpenMP contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -360,3 +367,56 @@ def test_ddp_spawn_global_norm_on_every_rank_and_fsdp2_sharded_norms(tmp_path):
     assert entry["grad_norm/total"] == pytest.approx(total, rel=1e-5)
     assert entry["loss_change/observed"] == pytest.approx(float(loss_after - loss_before.detach()), rel=1e-4)
     assert [h["step"] for h in rank0[1]] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# multi-task engine, AMP with a fused optimizer
+# ------------------------------------------------------------------------------------------------------------------
+class TwoTasks(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(3, 4)
+        self.h1, self.h2 = nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        from lightning_mtl import task_losses
+
+        x, y = batch
+        z = torch.tanh(self.trunk(x))
+        losses = {"a": (self.h1(z)[:, 0] - y[:, 0]).square().mean(), "b": (self.h2(z)[:, 0] - y[:, 1]).square().mean()}
+        return task_losses(self, losses)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_per_task_norms_and_cosines_from_the_engine(tmp_path):
+    from lightning_mtl import MGDA
+    from lightning_mtl.callbacks import MultiTaskGradient
+
+    mtl = MultiTaskGradient(MGDA())
+    probe = GradientMagnitudeProbe(every_n_steps=2)
+    trainer(tmp_path, 2, [probe, mtl]).fit(TwoTasks(), data())  # the probe listed first still sees this step
+    (entry,) = probe.history
+    gram = mtl.engine.last_gramian
+    assert entry["task/grad_norm/a"] == pytest.approx(float(gram[0, 0].sqrt()), rel=1e-6)
+    assert entry["task/grad_norm/b"] == pytest.approx(float(gram[1, 1].sqrt()), rel=1e-6)
+    cos = float(gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt())
+    assert entry["task/cos/a~b"] == pytest.approx(cos, rel=1e-6)
+    assert entry["task/weight/a"] + entry["task/weight/b"] == pytest.approx(1.0)
+
+
+class FusedAdam(Net):
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+
+def test_fused_optimizer_with_grad_scaler_leaves_gradients_out(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    probe = GradientMagnitudeProbe(every_n_steps=1, loss_change=False)
+    with pytest.warns(UserWarning, match="fused optimizer with a GradScaler"):
+        trainer(tmp_path, 1, [probe], plugins=[amp]).fit(FusedAdam(), data())
+    (entry,) = probe.history
+    assert "grad_norm/total" not in entry and "update_ratio/total" in entry

@@ -75,9 +75,7 @@ def _check_spec(name: str, arg: str, spec: Any) -> None:
     try:
         re.compile(spec)
     except re.error as err:
-        raise MisconfigurationException(
-            f"{name}({arg}={spec!r}) is not a valid regular expression: {err}."
-        ) from err
+        raise MisconfigurationException(f"{name}({arg}={spec!r}) is not a valid regular expression: {err}.") from err
 
 
 def _select(name: str, arg: str, names: Sequence[str], spec: str, what: str) -> list[str]:
@@ -150,7 +148,8 @@ def _depth_figure(
             ax.plot(steps, ys, marker=".", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -196,13 +195,11 @@ def _world(trainer: pl.Trainer) -> int:
 # GradientMagnitudeProbe
 # ====================================================================================================
 class GradientMagnitudeProbe(Callback):
-    r"""Per-layer gradient norms, update-to-weight ratios and the loss change of one step, every N optimizer
-    steps.
+    r"""Per-layer gradient norms, update-to-weight ratios and the loss change of one step, every N steps.
 
     On a probe step (``trainer.global_step`` after the step is a multiple of ``every_n_steps``) it records,
-    for each
-    "layer" (a module that owns parameters directly, named as in ``named_modules``; depth = registration
-    order):
+    for each "layer" (a module that owns parameters directly, named as in ``named_modules``; depth is the
+    registration order):
 
     * ``grad_norm/<layer>`` :math:`\|g_l\|_2` and ``grad_norm/total`` :math:`\|g\|_2` over all trainable
       parameters;
@@ -284,9 +281,7 @@ class GradientMagnitudeProbe(Callback):
         _check_spec(name, "layers", layers)
         _check_spec(name, "log_layers", log_layers)
         if rule not in ("auto", "sgd", "adam"):
-            raise MisconfigurationException(
-                f"{name}(rule=...) must be 'auto', 'sgd' or 'adam', got {rule!r}."
-            )
+            raise MisconfigurationException(f"{name}(rule=...) must be 'auto', 'sgd' or 'adam', got {rule!r}.")
         self.every_n_steps = every_n_steps
         self.layers = layers
         self.log_layers = log_layers
@@ -294,8 +289,7 @@ class GradientMagnitudeProbe(Callback):
         self.rule = rule
         self.prefix = prefix
         self.plot = plot
-        #: One dict per probe step: ``{"step": s, "<name>": value, ...}`` (names without the prefix, all
-        # layers).
+        #: One dict per probe step ``{"step": s, "<name>": value, ...}``: names without prefix, all layers.
         self.history: list[dict[str, float]] = []
         self.layer_names: list[str] = []
         self.plot_path: str | None = None
@@ -320,8 +314,7 @@ class GradientMagnitudeProbe(Callback):
             self._warned.add(key)
             rank_zero_warn(message)
 
-    # --- environment
-    # ----------------------------------------------------------------------------------------------
+    # --- environment -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -352,12 +345,9 @@ class GradientMagnitudeProbe(Callback):
                 "are.",
             )
         if not trainer.loggers:
-            rank_zero_info(
-                f"{name}: the Trainer has no logger; the probe values are kept in `{name}.history`."
-            )
+            rank_zero_info(f"{name}: the Trainer has no logger; the probe values are kept in `{name}.history`.")
 
-    # --- probe steps
-    # ----------------------------------------------------------------------------------------------
+    # --- probe steps -----------------------------------------------------------------------------------
     def _next_is_probe(self, trainer: pl.Trainer) -> bool:
         return (trainer.global_step + 1) % self.every_n_steps == 0
 
@@ -379,9 +369,7 @@ class GradientMagnitudeProbe(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._next_is_probe(trainer) and self._measures_loss(trainer, pl_module):
-            self._rng = (
-                RngState.capture()
-            )  # the state the training forward starts from (copies, draws nothing)
+            self._rng = RngState.capture()  # the state the training forward starts from (copies, draws nothing)
 
     @override
     def on_before_optimizer_step(
@@ -400,9 +388,7 @@ class GradientMagnitudeProbe(Callback):
         if self.rule != "auto":
             self._kind = self.rule
         else:
-            self._kind = (
-                "adam" if isinstance(opt, _ADAM) else "sgd" if isinstance(opt, torch.optim.SGD) else None
-            )
+            self._kind = "adam" if isinstance(opt, _ADAM) else "sgd" if isinstance(opt, torch.optim.SGD) else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._grads_valid = not (scaler is not None and opt.defaults.get("fused"))
         if not self._grads_valid:
@@ -482,9 +468,7 @@ class GradientMagnitudeProbe(Callback):
         entry.update(zip(keys, floats, strict=True))
         self.history.append(entry)
         if trainer.loggers:
-            _log_scalars(
-                trainer, {self.prefix + k: v for k, v in entry.items() if k != "step" and self._is_logged(k)}
-            )
+            _log_scalars(trainer, {self.prefix + k: v for k, v in entry.items() if k != "step" and self._is_logged(k)})
 
     def _is_logged(self, key: str) -> bool:
         head, _, layer = key.partition("/")
@@ -540,8 +524,7 @@ class GradientMagnitudeProbe(Callback):
         loss = out.get("loss") if isinstance(out, Mapping) else out
         return loss if isinstance(loss, Tensor) else None
 
-    # --- end of fit
-    # -----------------------------------------------------------------------------------------------
+    # --- end of fit ------------------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.plot:
@@ -552,9 +535,7 @@ class GradientMagnitudeProbe(Callback):
         os.makedirs(directory, exist_ok=True)
         self.plot_path = os.path.join(directory, self.PLOT_NAME)
         lines = [("loss_change/observed", "observed ΔL"), ("loss_change/linear", "⟨g, Δθ⟩")]
-        if any(
-            "loss_change/predicted" in h and not math.isnan(h["loss_change/predicted"]) for h in self.history
-        ):
+        if any("loss_change/predicted" in h and not math.isnan(h["loss_change/predicted"]) for h in self.history):
             lines.append(("loss_change/predicted", f"predicted ({self._kind or self.rule})"))
         _depth_figure(
             self.history,
@@ -567,8 +548,7 @@ class GradientMagnitudeProbe(Callback):
             self.plot_path,
         )
 
-    # --- checkpointing
-    # --------------------------------------------------------------------------------------------
+    # --- checkpointing ---------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(h) for h in self.history]}
@@ -623,8 +603,7 @@ class ResidualProbe(Callback):
 
     For residual blocks :math:`y = x + \varepsilon F(x)` (Su, https://kexue.fm/archives/8994) or DeepNorm
     blocks :math:`y = \mathrm{LN}(\alpha x + F(x))` (Wang et al., arXiv:2203.00555;
-    https://kexue.fm/archives/8978) it
-    records, on a probe batch fixed at the first training batch:
+    https://kexue.fm/archives/8978) it records, on a probe batch fixed at the first training batch:
 
     * ``model_update`` :math:`\|F(x;\theta_t) - F(x;\theta_0)\|_F` of the whole model's output (the quantity
       the DeepNet paper plots over early steps) and ``model_update/relative`` (divided by
@@ -642,12 +621,10 @@ class ResidualProbe(Callback):
     before the first optimizer step) is recorded too. Under DDP rank 0's probe batch is broadcast so all ranks
     measure the same thing; under AMP the forward runs in the precision plugin's autocast context.
 
-    **Blocks** (``blocks``): a list of modules; a class or tuple of classes (every ``isinstance`` submodule
-    that
-    contains no other match... i.e. all instances); a regex searched in the qualified module names; or
-    ``None``: :func:`find_residual_blocks` (the children of the first ``nn.ModuleList``/``nn.Sequential``
-    whose ≥ 2 children share one class). A block whose output shape differs from its input shape gets NaN
-    ratios and a warning.
+    **Blocks** (``blocks``): a list of modules; a class or tuple of classes (all instances in the model); a
+    regex searched in the qualified module names; or ``None``: :func:`find_residual_blocks`, the children of
+    the first ``nn.ModuleList``/``nn.Sequential`` (breadth-first) whose ≥ 2 children share one class. A block
+    whose output shape differs from its input shape gets NaN ratios and a warning.
 
     Logged scalars go to every logger (``prefix`` + name, at ``trainer.global_step``; per-block values only
     for ``log_blocks``); all values are kept in :attr:`history`. At the end of fit rank 0 writes
@@ -699,9 +676,7 @@ class ResidualProbe(Callback):
         name = type(self).__name__
         _check_interval(name, every_n_steps)
         if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size <= 0:
-            raise MisconfigurationException(
-                f"{name}(probe_size=...) must be a positive integer, got {probe_size!r}."
-            )
+            raise MisconfigurationException(f"{name}(probe_size=...) must be a positive integer, got {probe_size!r}.")
         if forward_fn is not None and not callable(forward_fn):
             raise MisconfigurationException(
                 f"{name}(forward_fn=...) must be callable, got {type(forward_fn).__name__}."
@@ -711,9 +686,7 @@ class ResidualProbe(Callback):
             try:
                 re.compile(blocks)
             except re.error as err:
-                raise MisconfigurationException(
-                    f"{name}(blocks={blocks!r}) is not a valid regex: {err}."
-                ) from err
+                raise MisconfigurationException(f"{name}(blocks={blocks!r}) is not a valid regex: {err}.") from err
         elif isinstance(blocks, nn.Module):
             blocks = [blocks]
         elif blocks is not None and not isinstance(blocks, type):
@@ -734,8 +707,7 @@ class ResidualProbe(Callback):
         self.log_blocks = log_blocks
         self.prefix = prefix
         self.plot = plot
-        #: One dict per probe step: ``{"step": s, "<name>": value, ...}`` (names without the prefix, all
-        # blocks).
+        #: One dict per probe step ``{"step": s, "<name>": value, ...}``: names without prefix, all blocks.
         self.history: list[dict[str, float]] = []
         self.block_names: list[str] = []
         self.plot_path: str | None = None
@@ -751,8 +723,7 @@ class ResidualProbe(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, branch=self.branch)
 
-    # --- environment
-    # ----------------------------------------------------------------------------------------------
+    # --- environment -----------------------------------------------------------------------------------
     def _resolve(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
         spec = self.blocks
         named = list(pl_module.named_modules())
@@ -797,16 +768,11 @@ class ResidualProbe(Callback):
                     )
         self.block_names = [n for n, _ in found]
         self._modules = [m for _, m in found]
-        self._logged = set(
-            _select("ResidualProbe", "log_blocks", self.block_names, self.log_blocks, "blocks")
-        )
+        self._logged = set(_select("ResidualProbe", "log_blocks", self.block_names, self.log_blocks, "blocks"))
         if not trainer.loggers:
-            rank_zero_info(
-                "ResidualProbe: the Trainer has no logger; the probe values are kept in `.history`."
-            )
+            rank_zero_info("ResidualProbe: the Trainer has no logger; the probe values are kept in `.history`.")
 
-    # --- probing
-    # --------------------------------------------------------------------------------------------------
+    # --- probing ---------------------------------------------------------------------------------------
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -825,9 +791,7 @@ class ResidualProbe(Callback):
 
     def _set_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         source = batch if self.probe_batch is None else self.probe_batch
-        cut = _map_tensors(
-            source, lambda t: t.detach()[: self.probe_size].clone() if t.ndim else t.detach().clone()
-        )
+        cut = _map_tensors(source, lambda t: t.detach()[: self.probe_size].clone() if t.ndim else t.detach().clone())
         if _world(trainer) > 1:
             cut = trainer.strategy.broadcast(_map_tensors(cut, lambda t: t.cpu()), src=0)
         self._batch = _map_tensors(cut, lambda t: t.to(pl_module.device))
@@ -876,9 +840,10 @@ class ResidualProbe(Callback):
                     sub = _get_path(m, self.branch)
                     assert sub is not None
                     handles.append(sub.register_forward_hook(branch_hook(i)))
+            batch = _map_tensors(self._batch, lambda t: t.to(pl_module.device))  # no-op unless resumed
             pl_module.eval()
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                out = _first_tensor(self.forward_fn(pl_module, self._batch))
+                out = _first_tensor(self.forward_fn(pl_module, batch))
         finally:
             for h in handles:
                 h.remove()
@@ -899,9 +864,7 @@ class ResidualProbe(Callback):
         nan = torch.tensor(math.nan, dtype=torch.float64, device=out.device)
         if reference:
             self._ref_out = out.clone()
-            self._ref_blocks = [
-                None if r is None or r["y"] is None else r["y"].detach().clone() for r in records
-            ]
+            self._ref_blocks = [None if r is None or r["y"] is None else r["y"].detach().clone() for r in records]
         assert self._ref_out is not None and self._ref_blocks is not None
         ref_out = self._ref_out.to(out.device)
         keys = ["model_update", "model_update/relative", "output_norm"]
@@ -927,9 +890,7 @@ class ResidualProbe(Callback):
                     )
                 if ref is not None and ref.shape == y.shape:
                     ref = ref.to(y.device)
-                    update = torch.linalg.vector_norm((y - ref).double()) / torch.linalg.vector_norm(
-                        ref.double()
-                    )
+                    update = torch.linalg.vector_norm((y - ref).double()) / torch.linalg.vector_norm(ref.double())
             keys += [f"branch_ratio/{name}", f"block_update/{name}"]
             values += [ratio.to(out.device), update.to(out.device)]
         floats = torch.stack([v.reshape(()) for v in values]).tolist()  # one synchronisation
@@ -937,9 +898,7 @@ class ResidualProbe(Callback):
         entry.update(zip(keys, floats, strict=True))
         self.history.append(entry)
         if trainer.loggers:
-            _log_scalars(
-                trainer, {self.prefix + k: v for k, v in entry.items() if k != "step" and self._is_logged(k)}
-            )
+            _log_scalars(trainer, {self.prefix + k: v for k, v in entry.items() if k != "step" and self._is_logged(k)})
 
     def _is_logged(self, key: str) -> bool:
         head, _, block = key.partition("/")
@@ -947,8 +906,7 @@ class ResidualProbe(Callback):
             return block in self._logged
         return True
 
-    # --- end of fit
-    # -----------------------------------------------------------------------------------------------
+    # --- end of fit ------------------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.plot:
@@ -969,8 +927,7 @@ class ResidualProbe(Callback):
             self.plot_path,
         )
 
-    # --- checkpointing
-    # --------------------------------------------------------------------------------------------
+    # --- checkpointing ---------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         def cpu(x: Any) -> Any:
@@ -989,8 +946,6 @@ class ResidualProbe(Callback):
         self._batch = state_dict.get("batch")
         self._ref_out = state_dict.get("reference_output")
         self._ref_blocks = state_dict.get("reference_blocks")
-        if self._batch is not None:
-            self._loaded_batch_device = True
 
 
 def _get_path(module: nn.Module, path: str) -> nn.Module | None:
