@@ -252,3 +252,22 @@ def test_configs_parse(name: str, tiny_bert: str, tmp_path: Path) -> None:
         from lightning_mtl.callbacks import MultiTaskGradient
 
         assert any(isinstance(c, MultiTaskGradient) for c in cli.trainer.callbacks)
+
+
+def test_example_script_trains_and_saves(tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+
+    write_sts(tmp_path / "sts-train.tsv")
+    write_sts(tmp_path / "sts-dev.tsv")
+    nli = write_nli(tmp_path / "nli.tsv")
+    script = Path(__file__).resolve().parent.parent / "examples" / "cosent_sts.py"
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["cosent_sts.py", "--data", str(tmp_path), "--output-dir", str(out),
+                                     "--model", tiny_bert, "--snli", str(nli), "--holdout", "3",
+                                     "--weighting", "gradnormalize", "--batch-size", "4", "--limit-train-batches",
+                                     "2", "--lr", "1e-3"])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "val/spearman/stsb: zero-shot" in printed and "val/spearman/snli" in printed
+    assert (out / "modules.json").is_file() and (out / "1_Pooling" / "config.json").is_file()

