@@ -12,8 +12,10 @@ from lightning_mtl.scalarize import classification_prior, regression_prior
 
 
 def _losses(a: float = 2.0, b: float = 0.5) -> dict[str, torch.Tensor]:
-    return {"a": torch.tensor(a, dtype=torch.float64, requires_grad=True),
-            "b": torch.tensor(b, dtype=torch.float64, requires_grad=True)}
+    return {
+        "a": torch.tensor(a, dtype=torch.float64, requires_grad=True),
+        "b": torch.tensor(b, dtype=torch.float64, requires_grad=True),
+    }
 
 
 def _grads(value: torch.Tensor, losses: dict[str, torch.Tensor]) -> list[float]:

@@ -1,0 +1,334 @@
+"""The main job: ``lightning-mtl demo``.
+
+Two multi-task problems built from scikit-learn's digits (they ship with scikit-learn, nothing is downloaded):
+
+``overlap``
+    A MultiMNIST-like problem: two 8×8 digits on an 8×12 canvas, the right one shifted by 4 columns so that they
+    overlap in the middle (pixel-wise max). Tasks ``left`` and ``right``: classify each digit; one shared MLP trunk,
+    one head per task. PrimaryAuxiliary takes ``left`` as the primary task.
+``noisy``
+    The noisy-label case of MTL(3) (https://kexue.fm/archives/8907): the primary task ``noisy`` is cross-entropy on
+    training labels of which ``noise`` are replaced by random labels; the auxiliary task ``clean`` is cross-entropy on
+    a small clean set. One network, one head: the tasks differ by data, not by parameters.
+
+Each problem is trained with Sum, GradNormalize, MGDA and PrimaryAuxiliary (parameter mode), with the same seed,
+data and budget; the job prints per-task test accuracy and the median training-step time relative to Sum, and
+saves a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import lightning_mtl as mtl
+from lightning_mtl.callbacks import MultiTaskGradient
+
+__all__ = ["DigitsMultiTask", "NoisyDigits", "OverlapDigits", "main", "run_demo"]
+
+
+def _digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = len(y) // 3
+    test, train = perm[:n_test], perm[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def overlap_pairs(x: Tensor, y: Tensor, n: int, seed: int, shift: int = 4) -> tuple[Tensor, Tensor]:
+    """``n`` random pairs of digits, the second shifted right by ``shift`` columns, merged by max: (n, 8, 8+shift)."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(len(y), (n,), generator=g)
+    j = torch.randint(len(y), (n,), generator=g)
+    canvas = torch.zeros(n, 8, 8 + shift)
+    canvas[:, :, :8] = x[i]
+    canvas[:, :, shift:] = torch.maximum(canvas[:, :, shift:], x[j])
+    return canvas.flatten(1), torch.stack([y[i], y[j]], dim=1)
+
+
+class OverlapDigits(L.LightningDataModule):
+    """Two overlapping digits per image; batches are ``(x, y)`` with ``y[:, 0]`` left and ``y[:, 1]`` right labels."""
+
+    tasks = ("left", "right")
+
+    def __init__(self, n_train: int = 4000, n_test: int = 2000, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.in_dim = 8 * 12
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        xtr, ytr, xte, yte = _digits(hp.seed)
+        self.train_set = TensorDataset(*overlap_pairs(xtr, ytr, hp.n_train, hp.seed + 1))
+        self.test_set = TensorDataset(*overlap_pairs(xte, yte, hp.n_test, hp.seed + 2))
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=512)
+
+    test_dataloader = val_dataloader
+
+
+class _NoisyPairs(Dataset):
+    """Each item: a noisy-label sample and a clean sample (the small clean set is cycled)."""
+
+    def __init__(self, x: Tensor, y_noisy: Tensor, x_clean: Tensor, y_clean: Tensor) -> None:
+        self.x, self.y, self.xc, self.yc = x, y_noisy, x_clean, y_clean
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, tuple[Tensor, Tensor]]:
+        c = i % len(self.yc)
+        return {"noisy": (self.x[i], self.y[i]), "clean": (self.xc[c], self.yc[c])}
+
+
+class NoisyDigits(L.LightningDataModule):
+    """Digits with a fraction ``noise`` of the training labels replaced at random, plus ``n_clean`` clean samples.
+
+    Batches are ``{"noisy": (x, y), "clean": (x, y)}``; the test set has clean labels.
+    """
+
+    tasks = ("noisy", "clean")
+
+    def __init__(self, noise: float = 0.6, n_clean: int = 60, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        if not 0.0 <= noise < 1.0:
+            raise ValueError(f"noise must be in [0, 1), got {noise}.")
+        self.save_hyperparameters()
+        self.in_dim = 8 * 8
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        xtr, ytr, xte, yte = _digits(hp.seed)
+        g = torch.Generator().manual_seed(hp.seed + 3)
+        perm = torch.randperm(len(ytr), generator=g)
+        clean, rest = perm[: hp.n_clean], perm[hp.n_clean :]
+        y_noisy = ytr[rest].clone()
+        flip = torch.rand(len(rest), generator=g) < hp.noise
+        y_noisy[flip] = torch.randint(10, (int(flip.sum()),), generator=g)
+        self.train_set = _NoisyPairs(xtr[rest].flatten(1), y_noisy, xtr[clean].flatten(1), ytr[clean])
+        self.test_set = TensorDataset(xte.flatten(1), yte)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=512)
+
+    test_dataloader = val_dataloader
+
+
+class DigitsMultiTask(L.LightningModule):
+    """A shared MLP trunk and a linear head per task (or one head for all tasks: ``shared_head=True``).
+
+    Batches are ``(x, y)`` with one label column per task (tasks share the input), or ``{task: (x, y)}`` (tasks have
+    their own inputs). ``training_step`` returns :func:`lightning_mtl.task_losses`.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str] | tuple[str, ...] = ("left", "right"),
+        in_dim: int = 96,
+        hidden: int = 256,
+        shared_head: bool = False,
+        lr: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tasks = list(tasks)
+        self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden // 2), nn.ReLU())
+        n_heads = 1 if shared_head else len(self.tasks)
+        self.heads = nn.ModuleList(nn.Linear(hidden // 2, 10) for _ in range(n_heads))
+
+    def head(self, task: str) -> nn.Module:
+        return self.heads[0] if self.hparams.shared_head else self.heads[self.tasks.index(task)]
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        if isinstance(batch, dict):
+            losses = {t: F.cross_entropy(self.head(t)(self.trunk(x)), y) for t, (x, y) in batch.items()}
+            return mtl.task_losses(self, losses)
+        x, y = batch
+        z = self.trunk(x)
+        losses = {t: F.cross_entropy(self.head(t)(z), y[:, i]) for i, t in enumerate(self.tasks)}
+        return mtl.task_losses(self, losses, shared=z)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        z = self.trunk(x)
+        if y.ndim == 1:  # one clean label per image (the noisy problem): the one classifier's accuracy
+            self.log("test_acc/digit", (self.heads[0](z).argmax(-1) == y).float().mean(), prog_bar=True)
+            return
+        for i, t in enumerate(self.tasks):
+            self.log(f"test_acc/{t}", (self.head(t)(z).argmax(-1) == y[:, i]).float().mean(), prog_bar=True)
+
+    test_step = validation_step
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step (forward, backward, gradient rewrite, optimiser step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+@dataclass
+class Result:
+    problem: str
+    method: str
+    accuracy: dict[str, float]
+    step_ms: float
+
+
+def methods(primary: str) -> dict[str, Callable[[], MultiTaskGradient | None]]:
+    return {
+        "Sum": lambda: None,
+        "GradNormalize": lambda: MultiTaskGradient(mtl.GradNormalize(scale="mean")),
+        "MGDA": lambda: MultiTaskGradient(mtl.MGDA()),
+        "PrimaryAuxiliary": lambda: MultiTaskGradient(mtl.PrimaryAuxiliary(primary)),
+    }
+
+
+def run_demo(
+    epochs: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    problems: tuple[str, ...] = ("overlap", "noisy"),
+    only: tuple[str, ...] | None = None,
+    limit_train_batches: int | float = 1.0,
+) -> list[Result]:
+    """Train every (problem, method) pair; return the results (also printed and plotted by :func:`main`).
+
+    ``only`` restricts the methods (names as in the table); ``limit_train_batches`` is passed to the Trainer.
+    """
+    results = []
+    for problem in problems:
+        if problem == "overlap":
+            make_data: Callable[[], L.LightningDataModule] = lambda: OverlapDigits(seed=seed)  # noqa: E731
+            model_kw = dict(tasks=OverlapDigits.tasks, in_dim=96, shared_head=False)
+            primary = "left"
+        elif problem == "noisy":
+            make_data = lambda: NoisyDigits(seed=seed)  # noqa: E731
+            model_kw = dict(tasks=NoisyDigits.tasks, in_dim=64, shared_head=True)
+            primary = "noisy"
+        else:
+            raise ValueError(f"Unknown problem {problem!r}; choose from 'overlap', 'noisy'.")
+        for name, make_cb in methods(primary).items():
+            if only is not None and name not in only:
+                continue
+            L.seed_everything(seed, verbose=False)
+            data, model, timer = make_data(), DigitsMultiTask(**model_kw), StepTimer()
+            callbacks = [timer] + ([cb] if (cb := make_cb()) is not None else [])
+            trainer = L.Trainer(
+                max_epochs=epochs,
+                accelerator="cpu",
+                devices=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress,
+                callbacks=callbacks,
+                num_sanity_val_steps=0,
+                check_val_every_n_epoch=epochs,
+                limit_train_batches=limit_train_batches,
+            )
+            if progress:
+                print(f"\n[{problem}] {name}")
+            trainer.fit(model, data)
+            metrics = trainer.test(model, data, verbose=False)[0]
+            acc = {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("test_acc/")}
+            skip = min(5, len(timer.times) // 2)  # the first steps include warm-up
+            results.append(Result(problem, name, acc, 1e3 * statistics.median(timer.times[skip:])))
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    lines = ["| problem | method | test accuracy per task | step time vs Sum |", "|---|---|---|---|"]
+    base = {r.problem: r.step_ms for r in results if r.method == "Sum"}
+    for r in results:
+        acc = ", ".join(f"{t} {100 * a:.1f}%" for t, a in r.accuracy.items())
+        lines.append(f"| {r.problem} | {r.method} | {acc} | {r.step_ms / base[r.problem]:.2f}× ({r.step_ms:.1f} ms) |")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(dict.fromkeys(r.problem for r in results))
+    fig, axes = plt.subplots(1, len(problems), figsize=(5.5 * len(problems), 3.8), squeeze=False)
+    for ax, problem in zip(axes[0], problems):
+        rows = [r for r in results if r.problem == problem]
+        tasks = list(rows[0].accuracy)
+        width = 0.8 / len(tasks)
+        for i, task in enumerate(tasks):
+            xs = [j + i * width for j in range(len(rows))]
+            ax.bar(xs, [100 * r.accuracy[task] for r in rows], width=width, label=task)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r.method for r in rows], rotation=15)
+        lo = min(100 * a for r in rows for a in r.accuracy.values())
+        ax.set_ylim(max(0, lo - 10), 100)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(problem)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lightning-mtl demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="lightning-mtl-demo")
+    parser.add_argument("--problems", default="overlap,noisy", help="comma-separated: overlap, noisy")
+    parser.add_argument("--limit-train-batches", type=float, default=1.0, help="fraction (<=1) or number of batches")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    limit = args.limit_train_batches
+    results = run_demo(
+        args.epochs,
+        args.seed,
+        not args.no_progress,
+        tuple(args.problems.split(",")),
+        limit_train_batches=int(limit) if limit > 1 else limit,
+    )
+    table = format_table(results)
+    (out / "results.md").write_text(table + "\n")
+    plot(results, out / "accuracy.png")
+    print("\n" + table)
+    print(f"\nsaved {out / 'accuracy.png'} and {out / 'results.md'} ({time.perf_counter() - t0:.0f} s in all)")
