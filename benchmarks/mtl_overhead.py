@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import statistics
 import time
@@ -47,7 +48,7 @@ class Net(nn.Module):
         super().__init__()
         dims = [784, 1024, 1024, 1024, 512]
         layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
+        for a, b in itertools.pairwise(dims):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.trunk = nn.Sequential(*layers)
         self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(k))

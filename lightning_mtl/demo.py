@@ -288,7 +288,7 @@ def plot(results: list[Result], path: Path) -> None:
 
     problems = list(dict.fromkeys(r.problem for r in results))
     fig, axes = plt.subplots(1, len(problems), figsize=(5.5 * len(problems), 3.8), squeeze=False)
-    for ax, problem in zip(axes[0], problems):
+    for ax, problem in zip(axes[0], problems, strict=True):
         rows = [r for r in results if r.problem == problem]
         tasks = list(rows[0].accuracy)
         width = 0.8 / len(tasks)
