@@ -191,7 +191,7 @@ def plot(results: dict[tuple[str, int], dict[str, float]], path: str) -> None:
     left, right = fig.subplots(1, 2)
     depths = sorted({m for _, m in results})
     for variant in VARIANTS:
-        ys = [results[(variant, m)]["update_T"] for m in depths if (variant, m) in results]
+        ys = [results[(variant, m)]["update_1"] for m in depths if (variant, m) in results]
         if ys:
             right.plot(depths[: len(ys)], ys, marker="o", label=variant)
         if (variant, depths[-1]) in results:
@@ -200,7 +200,9 @@ def plot(results: dict[tuple[str, int], dict[str, float]], path: str) -> None:
     left.set(
         xlabel="step", ylabel="‖F(x;θ_t) − F(x;θ_0)‖", title=f"model update, M = {depths[-1]} blocks", yscale="log"
     )
-    right.set(xlabel="blocks M", ylabel="model update at the last step", title="model update vs depth", yscale="log")
+    right.set(
+        xlabel="blocks M", ylabel="model update after one step", title="one-step model update vs depth", yscale="log"
+    )
     left.legend(fontsize="small")
     right.legend(fontsize="small")
     fig.tight_layout()

@@ -1,4 +1,4 @@
-r"""The small, Lightning-free math behind :mod:`lightning_mtl.callbacks.probes`.
+r"""The small, Lightning-free helpers behind :mod:`lightning_mtl.callbacks.probes`: math, blocks, figures.
 
 Everything here is plain PyTorch (plus ``torch.distributed`` for sharded parameters) so it can be tested
 against a hand computation and reused from a Fabric or hand-written loop.
@@ -16,9 +16,10 @@ Quantities (Su, https://kexue.fm/archives/8994 and /8978; Wang et al., DeepNet, 
 
 from __future__ import annotations
 
+import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,18 +31,21 @@ __all__ = [
     "STAT_COLUMNS",
     "RngState",
     "aggregate_rows",
+    "depth_figure",
+    "find_residual_blocks",
     "first_order_predictions",
+    "first_tensor",
     "gramian_norms_cosines",
     "is_position_spec",
     "local_tensor",
+    "map_tensors",
     "parameter_layers",
     "parameter_stats",
     "reduce_sharded_rows",
     "select_layers",
 ]
 
-#: Columns of :func:`parameter_stats`: squared grad norm, grad L1 norm, squared update norm, squared weight
-# norm
+#: Columns of :func:`parameter_stats`: squared grad norm, grad L1 norm, squared update norm, squared weight norm
 #: (before the step), and the inner product <g, Δθ>.
 STAT_COLUMNS = ("grad_sq", "grad_l1", "update_sq", "weight_sq", "grad_dot_update")
 
@@ -105,9 +109,7 @@ def select_layers(names: Sequence[str], spec: str) -> list[str]:
             try:
                 pattern = re.compile(spec)
             except re.error as err:
-                raise ValueError(
-                    f"Layer spec {spec!r} is neither a position list nor a valid regex: {err}."
-                ) from err
+                raise ValueError(f"Layer spec {spec!r} is neither a position list nor a valid regex: {err}.") from err
             chosen = [n for n in names if pattern.search(n)]
     if not chosen:
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
@@ -135,29 +137,43 @@ def parameter_stats(
 ) -> Tensor:
     """Per-parameter *local* partial sums, float64, shape ``[P, 5]`` (columns :data:`STAT_COLUMNS`).
 
-    ``params`` hold the values after the step, ``before`` the values before it (``None``: no update columns).
-    A missing gradient counts as zero. For DTensors only the local shard is used: pass the result through
-    :func:`reduce_sharded_rows` to get the global values.
+    ``params`` hold the values after the step, ``before`` the (local) values before it (``None``: no update
+    columns, and the weight column uses ``params``). A missing gradient counts as zero. For DTensors only the
+    local shard is used: pass the result through :func:`reduce_sharded_rows` to get the global values. Norms
+    use ``torch._foreach_norm`` and the inner products ``torch.dot`` in the tensors' dtype (half precision
+    is upcast to float32 first); the per-parameter results are float64.
     """
-    rows: list[Tensor] = []
-    for i, p in enumerate(params):
-        new = local_tensor(p.detach())
-        g = grads[i]
-        g = None if g is None else local_tensor(g.detach())
-        zero = new.new_zeros((), dtype=torch.float64)
-        g_sq = zero if g is None else g.double().square().sum()
-        g_l1 = zero if g is None else g.double().abs().sum()
-        if before is not None:
-            old = before[i].double()
-            delta = new.double() - old
-            u_sq, w_sq = delta.square().sum(), old.square().sum()
-            dot = zero if g is None else (g.double() * delta).sum()
-        else:
-            u_sq, w_sq, dot = zero, new.double().square().sum(), zero
-        rows.append(torch.stack([g_sq, g_l1, u_sq, w_sq, dot]))
-    if not rows:
+    n = len(params)
+    if n == 0:
         return torch.zeros(0, len(STAT_COLUMNS), dtype=torch.float64)
-    return torch.stack(rows)
+    new = [_wide(local_tensor(p.detach())) for p in params]
+    device = new[0].device
+    out = torch.zeros(n, len(STAT_COLUMNS), dtype=torch.float64, device=device)
+    have = [i for i, g in enumerate(grads) if g is not None]
+    g_local = [_wide(local_tensor(grads[i].detach())) for i in have]  # type: ignore[union-attr]
+    index = torch.tensor(have, dtype=torch.long, device=device)
+    if have:
+        out[index, 0] = _norms(g_local, 2).square()
+        out[index, 1] = _norms(g_local, 1)
+    if before is None:
+        out[:, 3] = _norms(new, 2).square()
+        return out
+    old = [_wide(b) for b in before]
+    delta = torch._foreach_sub(new, old)
+    out[:, 2] = _norms(delta, 2).square()
+    out[:, 3] = _norms(old, 2).square()
+    if have:
+        dots = [torch.dot(g.reshape(-1), delta[i].reshape(-1)) for g, i in zip(g_local, have, strict=True)]
+        out[index, 4] = torch.stack(dots).double()
+    return out
+
+
+def _wide(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _norms(tensors: list[Tensor], order: int) -> Tensor:
+    return torch.stack(torch._foreach_norm(tensors, order)).double()
 
 
 def _shard_groups(t: Tensor) -> tuple[Any, ...] | None:
@@ -243,11 +259,7 @@ class RngState:
 
     @classmethod
     def capture(cls) -> RngState:
-        cuda = (
-            torch.cuda.get_rng_state_all()
-            if torch.cuda.is_available() and torch.cuda.is_initialized()
-            else None
-        )
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         try:
             import numpy as np
 
@@ -265,3 +277,112 @@ class RngState:
             import numpy as np
 
             np.random.set_state(self.numpy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# residual blocks, batches
+# ----------------------------------------------------------------------------------------------------
+def find_residual_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The documented discovery rule of :class:`ResidualProbe`.
+
+    Breadth-first over ``named_modules``, the first ``nn.ModuleList`` or ``nn.Sequential`` with at least two
+    children that are all of the same class (the repeated stack of a transformer or a ResNet stage); its
+    children are the blocks. Returns ``[]`` if there is none.
+    """
+    queue: list[tuple[str, nn.Module]] = [("", module)]
+    while queue:
+        prefix, mod = queue.pop(0)
+        for name, child in mod.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, (nn.ModuleList, nn.Sequential)):
+                kids = list(child.named_children())
+                if len(kids) >= 2 and len({type(k) for _, k in kids}) == 1:
+                    return [(f"{full}.{n}", k) for n, k in kids]
+            queue.append((full, child))
+    return []
+
+
+def first_tensor(x: Any) -> Tensor | None:
+    """``x`` if a Tensor, else the first Tensor of a tuple/list/dict, else ``x.logits`` (``None`` if none)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, Mapping):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        for item in x:
+            if isinstance(item, Tensor):
+                return item
+    logits = getattr(x, "logits", None)
+    return logits if isinstance(logits, Tensor) else None
+
+
+def map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every Tensor in a nested tuple/list/dict/namedtuple, keeping the structure."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return type(x)({k: map_tensors(v, fn) for k, v in x.items()})  # type: ignore[call-arg]
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(map_tensors(v, fn) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(map_tensors(v, fn) for v in x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------------
+def depth_figure(
+    history: list[dict[str, float]],
+    panels: Sequence[tuple[str, str, Sequence[str]]],
+    series: tuple[str, Sequence[tuple[str, str]]],
+    title: str,
+    path: str,
+) -> None:
+    """Save a figure: panels "value vs depth, one line per probed step (colour = step)" and one "value vs step".
+
+    ``panels`` holds ``(ylabel, key, names)``: the value of ``names[i]`` at depth ``i`` is ``entry[f"{key}/{name}"]``;
+    ``series`` is ``(ylabel, [(key, label), ...])`` for the last panel. Uses matplotlib's Agg canvas directly (no
+    pyplot, no global backend change).
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0 * (len(panels) + 1), 4.0))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels) + 1)
+    steps = [int(h["step"]) for h in history]
+    cmap = colormaps["viridis"]
+    for ax, (ylabel, key, names) in zip(axes, panels, strict=False):
+        for i, h in enumerate(history):
+            ys = [h.get(f"{key}/{n}", math.nan) for n in names]
+            if all(math.isnan(y) for y in ys):
+                continue
+            ax.plot(range(len(names)), ys, color=cmap(i / max(len(history) - 1, 1)), lw=1)
+        ax.set_xlabel("depth (layer index, registration order)")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+    if steps and len(panels):
+        sm = scalar_mappable(cmap, min(steps), max(steps))
+        fig.colorbar(sm, ax=axes[len(panels) - 1], label="step")
+    ax = axes[-1]
+    ylabel, lines = series
+    for key, label in lines:
+        ys = [h.get(key, math.nan) for h in history]
+        if not all(math.isnan(y) for y in ys):
+            ax.plot(steps, ys, marker=".", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def scalar_mappable(cmap: Any, lo: float, hi: float) -> Any:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    return ScalarMappable(norm=Normalize(lo, hi if hi > lo else lo + 1), cmap=cmap)

@@ -186,7 +186,9 @@ def test_math_helpers():
         select_layers(names, "nothing_like_this")
     p = [torch.tensor([3.0, -4.0])]
     rows = parameter_stats(p, [torch.tensor([1.0, -2.0])], [torch.tensor([3.0, -3.0])])
-    assert rows.tolist() == [[5.0, 3.0, 1.0, 18.0, 2.0]]
+    torch.testing.assert_close(rows, torch.tensor([[5.0, 3.0, 1.0, 18.0, 2.0]], dtype=torch.float64))
+    no_update = parameter_stats(p, [None], None)  # missing gradient = 0; weight column from the params
+    torch.testing.assert_close(no_update, torch.tensor([[0.0, 0.0, 0.0, 25.0, 0.0]], dtype=torch.float64))
     assert reduce_sharded_rows(rows, p) is rows  # plain tensors: nothing to reduce
 
 
@@ -420,3 +422,23 @@ def test_fused_optimizer_with_grad_scaler_leaves_gradients_out(tmp_path):
         trainer(tmp_path, 1, [probe], plugins=[amp]).fit(FusedAdam(), data())
     (entry,) = probe.history
     assert "grad_norm/total" not in entry and "update_ratio/total" in entry
+
+
+def test_branch_option_and_dict_batch_message(tmp_path):
+    torch.manual_seed(0)
+    model = Net(eps=0.5)
+    a, b = ResidualProbe(every_n_steps=1), ResidualProbe(every_n_steps=1, branch="ffn")
+    trainer(tmp_path, 1, [a, b]).fit(model, data())
+    for name in a.block_names:  # y - x = 0.5 * ffn(x), so the block ratio is half the raw branch ratio
+        assert a.history[0][f"branch_ratio/{name}"] == pytest.approx(0.5 * b.history[0][f"branch_ratio/{name}"])
+
+    class DictNet(Net):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+    loader = DataLoader([{"x": torch.randn(3), "y": torch.randn(2)} for _ in range(8)], batch_size=4)
+    with pytest.raises(MisconfigurationException, match="pass forward_fn="):
+        trainer(tmp_path, 1, [ResidualProbe()]).fit(DictNet(), loader)
+    probe = ResidualProbe(every_n_steps=1, forward_fn=lambda m, batch: m(batch["x"]))
+    trainer(tmp_path, 1, [probe]).fit(DictNet(), loader)
+    assert [h["step"] for h in probe.history] == [0, 1]

@@ -36,10 +36,14 @@ from typing_extensions import override
 from lightning_mtl.probes_math import (
     RngState,
     aggregate_rows,
+    depth_figure,
+    find_residual_blocks,
     first_order_predictions,
+    first_tensor,
     gramian_norms_cosines,
     is_position_spec,
     local_tensor,
+    map_tensors,
     parameter_layers,
     parameter_stats,
     reduce_sharded_rows,
@@ -47,7 +51,7 @@ from lightning_mtl.probes_math import (
 )
 from lightning_mtl.tasks import pop_task_losses
 
-__all__ = ["GradientMagnitudeProbe", "ResidualProbe"]
+__all__ = ["GradientMagnitudeProbe", "ResidualProbe", "find_residual_blocks"]
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax)
 
@@ -109,82 +113,6 @@ def _quiet_logging(module: pl.LightningModule) -> Iterator[None]:
 def _plot_dir(trainer: pl.Trainer) -> str:
     path = trainer.log_dir  # a collective: every rank must call it
     return path if path else trainer.default_root_dir
-
-
-def _depth_figure(
-    history: list[dict[str, float]],
-    panels: Sequence[tuple[str, str, Sequence[str]]],
-    series: tuple[str, Sequence[tuple[str, str]]],
-    title: str,
-    path: str,
-) -> None:
-    """Panels of "value vs depth, one line per probed step (colour = step)" plus one "value vs step" panel."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.0 * (len(panels) + 1), 4.0))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels) + 1)
-    steps = [int(h["step"]) for h in history]
-    cmap = colormaps["viridis"]
-    for ax, (ylabel, key, names) in zip(axes, panels, strict=False):
-        for i, h in enumerate(history):
-            ys = [h.get(f"{key}/{n}", math.nan) for n in names]
-            if all(math.isnan(y) for y in ys):
-                continue
-            ax.plot(range(len(names)), ys, color=cmap(i / max(len(history) - 1, 1)), lw=1)
-        ax.set_xlabel("depth (layer index, registration order)")
-        ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-    if steps and len(panels):
-        sm = _scalar_mappable(cmap, min(steps), max(steps))
-        fig.colorbar(sm, ax=axes[len(panels) - 1], label="step")
-    ax = axes[-1]
-    ylabel, lines = series
-    for key, label in lines:
-        ys = [h.get(key, math.nan) for h in history]
-        if not all(math.isnan(y) for y in ys):
-            ax.plot(steps, ys, marker=".", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def _scalar_mappable(cmap: Any, lo: float, hi: float) -> Any:
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    return ScalarMappable(norm=Normalize(lo, hi if hi > lo else lo + 1), cmap=cmap)
-
-
-def _first_tensor(x: Any) -> Tensor | None:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, Mapping):
-        x = list(x.values())
-    if isinstance(x, (list, tuple)):
-        for item in x:
-            if isinstance(item, Tensor):
-                return item
-    logits = getattr(x, "logits", None)
-    return logits if isinstance(logits, Tensor) else None
-
-
-def _map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(x, Tensor):
-        return fn(x)
-    if isinstance(x, Mapping):
-        return type(x)({k: _map_tensors(v, fn) for k, v in x.items()})  # type: ignore[call-arg]
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*(_map_tensors(v, fn) for v in x))
-    if isinstance(x, (list, tuple)):
-        return type(x)(_map_tensors(v, fn) for v in x)
-    return x
 
 
 def _world(trainer: pl.Trainer) -> int:
@@ -431,12 +359,14 @@ class GradientMagnitudeProbe(Callback):
         keys: list[str] = []
         values: list[Tensor] = []
 
+        device = rows.device
+
         def put(key: str, value: Tensor) -> None:
             keys.append(key)
-            values.append(value.reshape(()).to(torch.float64).cpu())
+            values.append(value.detach().reshape(()).to(device=device, dtype=torch.float64))
 
         grads_ok = self._grads_valid
-        nan = torch.tensor(math.nan, dtype=torch.float64)
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
         if grads_ok:
             put("grad_norm/total", total[0].sqrt())
         put("update_ratio/total", total[2].sqrt() / total[3].sqrt())
@@ -537,7 +467,7 @@ class GradientMagnitudeProbe(Callback):
         lines = [("loss_change/observed", "observed ΔL"), ("loss_change/linear", "⟨g, Δθ⟩")]
         if any("loss_change/predicted" in h and not math.isnan(h["loss_change/predicted"]) for h in self.history):
             lines.append(("loss_change/predicted", f"predicted ({self._kind or self.rule})"))
-        _depth_figure(
+        depth_figure(
             self.history,
             [
                 ("gradient norm ‖g_l‖", "grad_norm", self.layer_names),
@@ -571,31 +501,10 @@ def _default_forward(module: pl.LightningModule, batch: Any) -> Any:
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
         return module(batch[0])
     raise MisconfigurationException(
-        "ResidualProbe: cannot tell the model input in a batch of type "
-        f"{type(batch).__name__}. The default feeds `batch` (a Tensor) or `batch[0]` (a tuple/list) to the "
-        "module; "
-        "pass forward_fn=lambda module, batch: module(batch['input_ids']) (or similar)."
+        f"ResidualProbe: cannot tell the model input in a batch of type {type(batch).__name__}. The default "
+        "feeds `batch` (a Tensor) or `batch[0]` (a tuple/list) to the module; pass "
+        "forward_fn=lambda module, batch: module(batch['input_ids']) (or similar)."
     )
-
-
-def find_residual_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The documented discovery rule of :class:`ResidualProbe`.
-
-    Breadth-first over ``named_modules``, the first ``nn.ModuleList`` or ``nn.Sequential`` with at least two
-    children that are all of the same class (the repeated stack of a transformer or a ResNet stage); its
-    children are the blocks. Returns ``[]`` if there is none.
-    """
-    queue: list[tuple[str, nn.Module]] = [("", module)]
-    while queue:
-        prefix, mod = queue.pop(0)
-        for name, child in mod.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, (nn.ModuleList, nn.Sequential)):
-                kids = list(child.named_children())
-                if len(kids) >= 2 and len({type(k) for _, k in kids}) == 1:
-                    return [(f"{full}.{n}", k) for n, k in kids]
-            queue.append((full, child))
-    return []
 
 
 class ResidualProbe(Callback):
@@ -641,6 +550,7 @@ class ResidualProbe(Callback):
             batch, ``pl_module(batch[0])`` for a tuple/list. The output is a Tensor, or the first Tensor of a
             tuple/list/dict, or its ``.logits``.
         branch: the attribute path of the residual branch inside each block (e.g. ``"ffn"``), or ``None``.
+            Its output should include the scale :math:`\varepsilon` (else the ratio is :math:`\|F\|/\|x\|`).
         log_blocks: the blocks whose values are logged: ``"all"``, positions, or a regex (default
             ``"first,middle,last"``).
         prefix: prepended to every logged name.
@@ -791,10 +701,10 @@ class ResidualProbe(Callback):
 
     def _set_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         source = batch if self.probe_batch is None else self.probe_batch
-        cut = _map_tensors(source, lambda t: t.detach()[: self.probe_size].clone() if t.ndim else t.detach().clone())
+        cut = map_tensors(source, lambda t: t.detach()[: self.probe_size].clone() if t.ndim else t.detach().clone())
         if _world(trainer) > 1:
-            cut = trainer.strategy.broadcast(_map_tensors(cut, lambda t: t.cpu()), src=0)
-        self._batch = _map_tensors(cut, lambda t: t.to(pl_module.device))
+            cut = trainer.strategy.broadcast(map_tensors(cut, lambda t: t.cpu()), src=0)
+        self._batch = map_tensors(cut, lambda t: t.to(pl_module.device))
 
     @override
     def on_train_batch_end(
@@ -817,8 +727,8 @@ class ResidualProbe(Callback):
 
         def block_hook(i: int) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-                x = _first_tensor(args) if _first_tensor(args) is not None else _first_tensor(kwargs)
-                y = _first_tensor(output)
+                x = first_tensor(args) if first_tensor(args) is not None else first_tensor(kwargs)
+                y = first_tensor(output)
                 prev = records[i] or {}
                 records[i] = {**prev, "x": x, "y": y}
 
@@ -827,7 +737,7 @@ class ResidualProbe(Callback):
         def branch_hook(i: int) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
                 prev = records[i] or {}
-                records[i] = {**prev, "b": _first_tensor(output)}
+                records[i] = {**prev, "b": first_tensor(output)}
 
             return hook
 
@@ -840,10 +750,10 @@ class ResidualProbe(Callback):
                     sub = _get_path(m, self.branch)
                     assert sub is not None
                     handles.append(sub.register_forward_hook(branch_hook(i)))
-            batch = _map_tensors(self._batch, lambda t: t.to(pl_module.device))  # no-op unless resumed
+            batch = map_tensors(self._batch, lambda t: t.to(pl_module.device))  # no-op unless resumed
             pl_module.eval()
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                out = _first_tensor(self.forward_fn(pl_module, batch))
+                out = first_tensor(self.forward_fn(pl_module, batch))
         finally:
             for h in handles:
                 h.remove()
@@ -916,7 +826,7 @@ class ResidualProbe(Callback):
             return
         os.makedirs(directory, exist_ok=True)
         self.plot_path = os.path.join(directory, self.PLOT_NAME)
-        _depth_figure(
+        depth_figure(
             self.history,
             [
                 ("branch ratio ‖εF(x)‖/‖x‖", "branch_ratio", self.block_names),
@@ -931,7 +841,7 @@ class ResidualProbe(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         def cpu(x: Any) -> Any:
-            return _map_tensors(x, lambda t: t.detach().cpu())
+            return map_tensors(x, lambda t: t.detach().cpu())
 
         return {
             "history": [dict(h) for h in self.history],
