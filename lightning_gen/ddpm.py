@@ -150,13 +150,13 @@ def article_coefficients(scheduler: DDPMScheduler) -> ArticleCoefficients:
     r"""Translate a diffusers scheduler into the article's notation (float64).
 
     :math:`\alpha_t = \sqrt{1-\beta^{\text{paper}}_t}`, :math:`\beta_t = \sqrt{\beta^{\text{paper}}_t}`,
-    :math:`\bar\alpha_t = \sqrt{\bar\alpha^{\text{paper}}_t}`, :math:`\bar\beta_t = \sqrt{1-\bar\alpha_t^2}`.
+    :math:`\bar\alpha_t = \alpha_1\cdots\alpha_t = \sqrt{\bar\alpha^{\text{paper}}_t}`,
+    :math:`\bar\beta_t = \sqrt{1-\bar\alpha_t^2}` (the products in float64, from the scheduler's betas).
     """
     betas = scheduler.betas.double()
-    alphas_cumprod = scheduler.alphas_cumprod.double()
-    return ArticleCoefficients(
-        torch.sqrt(1 - betas), torch.sqrt(betas), torch.sqrt(alphas_cumprod), torch.sqrt(1 - alphas_cumprod)
-    )
+    alpha = torch.sqrt(1 - betas)
+    alpha_bar = torch.cumprod(alpha, 0)  # in float64: the scheduler's float32 cumprod loses 1 - alpha_bar at small t
+    return ArticleCoefficients(alpha, torch.sqrt(betas), alpha_bar, torch.sqrt(1 - alpha_bar**2))
 
 
 # ------------------------------------------------------------------------------------------------------------
