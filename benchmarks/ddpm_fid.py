@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mnist_classifier import load as load_classifier  # noqa: E402
+from mnist_classifier import load as load_classifier
 
-from lightning_gen.ddpm import DDPM, UNET_PRESETS, make_grid, save_png  # noqa: E402
-from lightning_gen.image_data import load_mnist, resize_images  # noqa: E402
+from lightning_gen.ddpm import DDPM, UNET_PRESETS, make_grid, save_png
+from lightning_gen.image_data import load_mnist, resize_images
 
 #: the UNet of every variant: the "digits8" preset (8 -> 4, channels 32/64, no attention)
 PRESET = "digits8"
@@ -49,7 +49,7 @@ def real_images(args: argparse.Namespace, split: str) -> torch.Tensor:
     return resize_images(x, args.size)  # [-1, 1]
 
 
-def fid_metric(args: argparse.Namespace):  # noqa: ANN201
+def fid_metric(args: argparse.Namespace):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     fid = FrechetInceptionDistance(feature=load_classifier(args.classifier), normalize=True, reset_real_features=False)
@@ -59,14 +59,14 @@ def fid_metric(args: argparse.Namespace):  # noqa: ANN201
     return fid
 
 
-def frechet(fid, images: torch.Tensor) -> float:  # noqa: ANN001
+def frechet(fid, images: torch.Tensor) -> float:
     fid.reset()
     for i in range(0, len(images), 1000):
         fid.update(images[i : i + 1000], real=False)
     return float(fid.compute())
 
 
-def train_ours(args: argparse.Namespace, seed: int, **kwargs) -> tuple[DDPM, float]:  # noqa: ANN003
+def train_ours(args: argparse.Namespace, seed: int, **kwargs) -> tuple[DDPM, float]:
     import lightning as L
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> None:
             x_ddpm, t_ddpm = sample(model, n, 1000, "ddpm")
             x_ddim, t_ddim = sample(model, n, 50, "ddim")
             rec.update(n=n, ddpm1000_s_per_image=t_ddpm / n, ddim50_s_per_image=t_ddim / n,
-                       speedup=t_ddpm / t_ddim, fid_ddpm1000=frechet(fid, x_ddpm), fid_ddim50_same_n=frechet(fid, x_ddim))
+                       speedup=t_ddpm / t_ddim, fid_ddpm1000=frechet(fid, x_ddpm),
+                       fid_ddim50_same_n=frechet(fid, x_ddim))
             save_png(make_grid(x_ddpm[:64], 8), workdir / "grid_e_ddpm1000.png", 4)
         else:
             rec["steps"] = args.steps

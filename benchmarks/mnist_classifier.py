@@ -86,8 +86,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**model.state_dict(), "_size": torch.tensor(args.size)}, out)
-    print(json.dumps({"size": args.size, "test_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - start, 1),
-                      "out": str(out)}))
+    seconds = round(time.perf_counter() - start, 1)
+    print(json.dumps({"size": args.size, "test_accuracy": round(acc, 4), "seconds": seconds, "out": str(out)}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""Training step time: ``lightning_gen.ddpm.DDPM`` under ``Trainer.fit`` vs a plain diffusers loop, same UNet.
+
+Both arms train the same ``UNet2DModel`` (a preset of ``lightning_gen.ddpm.UNET_PRESETS``) on the same MNIST
+tensor, batch 128, AdamW, ε-prediction, in one process, interleaved in blocks (A B A B ...) so that drifts in
+the load of a shared machine hit both arms alike. A step is the wall time between the ends of two consecutive
+steps (data loading, forward, loss, backward, optimiser, and for ours Lightning's hooks and ``self.log``); the
+first step of every block is dropped. Reported: the median per arm and their ratio, ours / plain (target <= 1.05).
+
+    python benchmarks/ddpm_step.py --presets digits8,mnist28 --rounds 6 --block 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gen.ddpm import DDPM, UNET_PRESETS
+from lightning_gen.image_data import ImageDataModule, load_digits_images, load_mnist, resize_images
+
+
+class StepTimer(Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def ours_block(model: DDPM, dm: ImageDataModule, steps: int) -> list[float]:
+    timer = StepTimer()
+    trainer = L.Trainer(
+        max_steps=steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )
+    trainer.fit(model, dm)
+    return [b - a for a, b in itertools.pairwise(timer.ends)]
+
+
+def plain_block(unet, sched, opt, loader: DataLoader, steps: int) -> list[float]:
+    ends = []
+    it = iter(loader)
+    for _ in range(steps + 1):
+        (x0,) = next(it)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],))
+        pred = unet(sched.add_noise(x0, noise, t), t).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter())
+    return [b - a for a, b in itertools.pairwise(ends)]
+
+
+def bench(preset: str, args: argparse.Namespace) -> dict:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    size = UNET_PRESETS[preset]["sample_size"]
+    try:
+        images = load_mnist(args.mnist, "train")[0][: args.limit]
+    except FileNotFoundError:
+        images = load_digits_images()[0]
+    data = resize_images(images, size)
+    torch.manual_seed(0)
+    model = DDPM(preset=preset)
+    dm = ImageDataModule("digits", batch_size=args.batch)
+    dm.train_images = data  # the same tensor as the plain loop
+    torch.manual_seed(0)
+    unet = UNet2DModel(**UNET_PRESETS[preset])
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-6)
+    loader = DataLoader(TensorDataset(data), batch_size=args.batch, shuffle=True, drop_last=True)
+    ours, plain = [], []
+    for _ in range(args.rounds):
+        ours += ours_block(model, dm, args.block)
+        plain += plain_block(unet, sched, opt, loader, args.block)
+    mo, mp = statistics.median(ours), statistics.median(plain)
+    return {
+        "preset": preset, "image": f"{size}x{size}", "batch": args.batch, "threads": torch.get_num_threads(),
+        "steps_per_arm": len(ours), "ours_median_s": round(mo, 4), "plain_median_s": round(mp, 4),
+        "ratio": round(mo / mp, 3), "params": sum(p.numel() for p in unet.parameters()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mnist", default="../shared/data/mnist")
+    p.add_argument("--presets", default="digits8,mnist28")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--block", type=int, default=5)
+    p.add_argument("--limit", type=int, default=8192, help="MNIST training images kept in memory")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [bench(preset, args) for preset in args.presets.split(",")]
+    for r in rows:
+        print(json.dumps(r))
+    print("\n| UNet preset | image | params | batch | steps / arm | ours (s/step) | plain diffusers (s/step) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['image']} | {r['params']:,} | {r['batch']} | {r['steps_per_arm']} | "
+              f"{r['ours_median_s']:.4f} | {r['plain_median_s']:.4f} | {r['ratio']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
