@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -48,7 +47,9 @@ def run_one(cfg: dict) -> dict:
     model = GAULanguageModel(dim=cfg["dim"], depth=cfg["depth"], qk_dim=cfg["qk_dim"], attention=cfg["attention"],
                              length=cfg["length"], aux=cfg["aux"] != "none", lr=cfg["lr"],
                              warmup_steps=cfg["warmup"], max_steps=cfg["steps"])
-    callbacks = [MultiTaskGradient(mtl.PrimaryAuxiliary(primary="lm"), validate=False)] if cfg["aux"] == "primary" else []
+    callbacks = []
+    if cfg["aux"] == "primary":
+        callbacks.append(MultiTaskGradient(mtl.PrimaryAuxiliary(primary="lm"), validate=False))
     trainer = L.Trainer(max_steps=cfg["steps"], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
                         accelerator="cpu", devices=1)

@@ -22,7 +22,8 @@ the entropy-invariant scale is from *从熵不变性看Attention的Scale操作*,
 ``softmax_plus``
     :math:`A_i = \mathrm{softmax}_j\big(\frac{\log n_i}{\log n_\mathrm{ref}}\, q_i\cdot k_j/\sqrt s\big)`, which equals
     ``softmax`` when :math:`n_i = n_\mathrm{ref}` (512 by default) and keeps the attention entropy roughly
-    independent of the number of keys (:math:`\mathcal H \approx \log n - 0.24\lambda d` ⇒ :math:`\lambda\propto\log n`).
+    independent of the number of keys (:math:`\mathcal H \approx \log n - 0.24\lambda d`, so
+    :math:`\lambda\propto\log n`).
 
 **The n in relu²/n and log n (the causal choice).** ``length="visible"`` (default): :math:`n_i` is the number of
 keys that row *i* may attend to, i.e. ``i + 1`` in a causal unit (minus padded keys) and the number of unmasked keys
@@ -45,7 +46,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = ["GAU", "Attention", "GAUStack", "Length", "Norm", "ScaleOffset", "apply_rotary", "rotary_cos_sin"]
@@ -106,6 +106,7 @@ class GAU(nn.Module):
         rotary_base: the rotary frequency base.
         dropout: dropout on the gated output before ``W_o``.
         bias: biases in the two projections.
+        block: query rows per block of the causal block-skipping loop (a speed knob; results do not depend on it).
 
     Example::
 
@@ -129,6 +130,7 @@ class GAU(nn.Module):
         rotary_base: float = 10000.0,
         dropout: float = 0.0,
         bias: bool = False,
+        block: int = 128,
     ) -> None:
         super().__init__()
         if attention not in ("relu2", "softmax", "softmax_plus"):
@@ -149,8 +151,7 @@ class GAU(nn.Module):
         self.qk = ScaleOffset(qk_dim, heads=2)
         self.to_out = nn.Linear(self.hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        # softmax variants: split V into chunks of width s so SDPA's fused kernel applies (it needs equal widths)
-        self._v_heads = self.hidden // qk_dim if self.hidden % qk_dim == 0 else 1
+        self.block = block
         self._cache: dict[tuple, Tensor | tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
@@ -163,7 +164,7 @@ class GAU(nn.Module):
     def _cached(self, key: tuple, make):
         value = self._cache.get(key)
         if value is None:
-            if len(self._cache) > 16:
+            if len(self._cache) > 256:
                 self._cache.clear()
             value = self._cache[key] = make()
         return value
@@ -186,59 +187,53 @@ class GAU(nn.Module):
             counts = m.sum(-1, keepdim=True).expand_as(m)
         return counts.clamp_min(1.0)
 
-    def _allowed(self, n: int, mask: Tensor | None, device) -> Tensor | None:
-        """Boolean ``(batch, 1, n, n)`` (or ``(n, n)``) of the keys each query may see; the diagonal always, so a
-        fully padded row stays finite (its output is zeroed afterwards)."""
-        if mask is None:
-            if not self.causal:
-                return None
-            return self._cached(("causal", n, device), lambda: torch.ones(n, n, dtype=torch.bool, device=device).tril())
-        eye = self._cached(("eye", n, device), lambda: torch.eye(n, dtype=torch.bool, device=device))
-        allowed = mask[:, None, None, :] | eye
-        if self.causal:
-            allowed = allowed & self._allowed(n, None, device)
-        return allowed
-
     # --- attention -------------------------------------------------------------------------------------------
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        """:math:`AV` for ``q, k: (b, n, s)``, ``v: (b, n, e)`` and an optional padding ``mask: (b, n)`` (True = keep)."""
+        """:math:`AV` for ``q, k: (b, n, s)``, ``v: (b, n, e)`` and an optional padding ``mask: (b, n)`` (True = keep).
+
+        Causal units go block by block over the queries (``block`` rows at a time, each against the keys up to its
+        last row), which skips the masked upper triangle; every row still sees all its keys, so this is exact.
+        """
         n = q.shape[-2]
         if mask is not None:
             mask = mask.to(torch.bool)
-        lengths = self._row_lengths(n, mask, q)
-        if self.attention == "relu2":
-            return self._relu2(q, k, v, mask, lengths)
+        lengths = self._row_lengths(n, mask, q)  # (n,) or (b, n)
         if self.attention == "softmax_plus":
-            factor = lengths.log() / math.log(self.n_ref)  # (n,) or (b, n)
-            q = q * factor.unsqueeze(-1)
-        h = self._v_heads
-        qh = q.unsqueeze(1).expand(-1, h, -1, -1)
-        kh = k.unsqueeze(1).expand(-1, h, -1, -1)
-        vh = rearrange(v, "b n (h e) -> b h n e", h=h)
-        allowed = self._allowed(n, mask, q.device)
-        if mask is None and self.causal:
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.qk_dim**-0.5)
-        else:
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=self.qk_dim**-0.5)
-        return rearrange(out, "b h n e -> b n (h e)")
+            q = q * (lengths.log() / math.log(self.n_ref)).unsqueeze(-1)
+        q = q * self.qk_dim**-0.5
+        spans = [(i, min(i + self.block, n)) for i in range(0, n, self.block)] if self.causal else [(0, n)]
+        outs = []
+        for start, stop in spans:
+            keys = stop if self.causal else n
+            allowed = self._allowed_block(start, stop, keys, n, mask, q.device)
+            qb, kb, vb = q[:, start:stop], k[:, :keys], v[:, :keys]
+            if self.attention == "relu2":
+                rows = lengths[..., start:stop].unsqueeze(-1)
+                if mask is None:  # the mask and 1/n_i in one cached table
+                    key = ("w", start, stop, keys, n, self.length, q.device, q.dtype)
+                    weight = self._cached(key, lambda a=allowed, r=rows: _ones_if_none(a, r).to(q.dtype) / r)
+                else:
+                    weight = allowed.to(q.dtype) / rows
+                outs.append(_Relu2Attention.apply(qb, kb, vb, weight))
+            else:
+                am = None if allowed is None else (allowed if mask is None else allowed.unsqueeze(1))
+                outs.append(F.scaled_dot_product_attention(qb.unsqueeze(1), kb.unsqueeze(1), vb.unsqueeze(1),
+                                                           attn_mask=am, scale=1.0).squeeze(1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _relu2(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lengths: Tensor) -> Tensor:
-        n = q.shape[-2]
-        scores = torch.bmm(q, k.transpose(-1, -2)).mul_(self.qk_dim**-0.5)
+    def _allowed_block(self, start: int, stop: int, keys: int, n: int, mask: Tensor | None, device) -> Tensor | None:
+        """Boolean ``(rows, keys)`` (no padding mask) or ``(b, rows, keys)`` table of the keys each query may see.
+
+        With a padding mask a query always sees itself, so a fully padded row stays finite (its output is zeroed)."""
+        causal = None
+        if self.causal:
+            causal = self._cached(("causal", start, stop, keys, device), lambda: torch.ones(
+                stop - start, keys, dtype=torch.bool, device=device).tril(start))
         if mask is None:
-            key = ("relu2w", n, self.causal, self.length, q.device, q.dtype)
-
-            def make() -> Tensor:
-                w = 1.0 / lengths[:, None].expand(n, n)
-                return w.tril() if self.causal else w.contiguous()
-
-            weight = self._cached(key, make)  # the mask and 1/n_i in one (n, n) table
-        else:
-            allowed = mask[:, None, :].expand(-1, n, -1)
-            if self.causal:
-                allowed = allowed & self._allowed(n, None, q.device)
-            weight = allowed.to(q.dtype) / lengths.unsqueeze(-1)
-        return torch.bmm(F.relu(scores).square() * weight, v)
+            return causal
+        eye = self._cached(("eye", start, stop, keys, device), lambda: _diag(start, stop, keys, device))
+        allowed = mask[:, None, :keys] | eye
+        return allowed & causal if causal is not None else allowed
 
     # --- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -253,6 +248,35 @@ class GAU(nn.Module):
         if mask is not None:
             out = out * mask.unsqueeze(-1).to(out.dtype)
         return self.to_out(self.dropout(u * out))
+
+
+def _ones_if_none(allowed: Tensor | None, rows: Tensor) -> Tensor:
+    return torch.ones(rows.shape[-2], 1, dtype=torch.bool, device=rows.device) if allowed is None else allowed
+
+
+def _diag(start: int, stop: int, keys: int, device) -> Tensor:
+    """``(stop - start, keys)`` boolean with True at query ``start + i``, key ``start + i``."""
+    rows = torch.arange(start, stop, device=device)
+    return rows[:, None] == torch.arange(keys, device=device)
+
+
+class _Relu2Attention(torch.autograd.Function):
+    """:math:`O = (\\mathrm{relu}(QK^\\top)^2 \\odot W)V` with a hand-written backward that keeps two score-sized
+    tensors (relu(S) and A) instead of autograd's four, and fuses the elementwise work in place."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, weight: Tensor) -> Tensor:
+        r = torch.matmul(q, k.transpose(-1, -2)).clamp_min_(0)
+        a = r.square().mul_(weight)
+        ctx.save_for_backward(q, k, v, weight, r, a)
+        return torch.matmul(a, v)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, weight, r, a = ctx.saved_tensors
+        grad_v = torch.matmul(a.transpose(-1, -2), grad)
+        grad_s = torch.matmul(grad, v.transpose(-1, -2)).mul_(r).mul_(weight).mul_(2.0)
+        return torch.matmul(grad_s, k), torch.matmul(grad_s.transpose(-1, -2), q), grad_v, None
 
 
 def _rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:

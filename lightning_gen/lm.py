@@ -209,7 +209,8 @@ class GAULanguageModel(pl.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if isinstance(dm, TextDataModule) and dm.vocab != self.tokenizer.vocab:
             raise ValueError(
-                f"The datamodule's vocabulary ({_short(dm.vocab)}) is not the model's ({_short(self.tokenizer.vocab)}). "
+                f"The datamodule's vocabulary ({_short(dm.vocab)}) is not the model's "
+                f"({_short(self.tokenizer.vocab)}). "
                 "Build the model with GAULanguageModel(vocab=datamodule.vocab)."
             )
 

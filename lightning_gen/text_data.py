@@ -49,7 +49,7 @@ class CharTokenizer:
 
 
 def make_tokenizer(vocab: str) -> ByteTokenizer | CharTokenizer:
-    """``"byte"`` -> :class:`ByteTokenizer`; any other string is the character vocabulary of a :class:`CharTokenizer`."""
+    """``"byte"`` -> :class:`ByteTokenizer`; any other string is the vocabulary of a :class:`CharTokenizer`."""
     if vocab == "byte":
         return ByteTokenizer()
     if vocab == "char":
@@ -79,7 +79,9 @@ class Windows(Dataset):
         return (self.tokens.numel() - self.length) // self.stride + 1
 
     def __getitem__(self, i: int) -> Tensor:
-        start = i * self.stride
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        start = (i % len(self)) * self.stride
         return self.tokens[start : start + self.length]
 
 

@@ -1,0 +1,241 @@
+"""Training speed of our GAU stack vs lucidrains' FLASH-pytorch GAU and a parameter-matched nn.TransformerEncoder,
+and validation bits-per-character of the GAU LM vs the Transformer LM at equal training time.
+
+``--part speed``: tokens/s of one training step (forward + cross-entropy + backward + AdamW step) of byte LMs that
+differ only in the trunk: ours (softmax_plus and relu2), FLASH-pytorch ``GAU`` (same layer count, d, s, expansion;
+optional: ``pip install flash-pytorch``) and ``nn.TransformerEncoder`` (causal, 4 layers, 4 heads, FFN 1024, pre-norm).
+Steps are interleaved (A B C D A B C D ...) in one process and the medians compared, so a noisy shared machine
+slows all of them alike.
+
+``--part quality``: the GAU LM and the parameter-matched Transformer LM alternate training steps on tiny Shakespeare
+(n = 256) until each has used ``--budget`` seconds of its own measured step time; the learning rate follows the
+fraction of the budget spent (warm-up, cosine). Then held-out bits-per-character side by side.
+
+    python benchmarks/gau_speed.py --part speed --md benchmarks/gau.md
+    python benchmarks/gau_speed.py --part quality --md benchmarks/gau.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gau_length import DEFAULT_DATA, _replace
+
+from lightning_gen.gau import GAUStack
+from lightning_gen.lm import warmup_cosine
+from lightning_gen.text_data import TextDataModule
+
+
+class LM(nn.Module):
+    """Byte LM shell around a trunk ``(b, n, d) -> (b, n, d)``: embedding (+ learned positions), trunk, tied head."""
+
+    def __init__(self, trunk: nn.Module, dim: int, *, positions: int = 0, final_norm: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.pos = nn.Embedding(positions, dim) if positions else None
+        if self.pos is not None:
+            nn.init.normal_(self.pos.weight, std=0.02)
+        self.trunk = trunk
+        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.embed(ids)
+        if self.pos is not None:
+            x = x + self.pos.weight[: ids.shape[1]]
+        return F.linear(self.norm(self.trunk(x)), self.embed.weight)
+
+
+class CausalTransformer(nn.Module):
+    """``nn.TransformerEncoder`` with a causal mask (pre-norm, GELU, no dropout)."""
+
+    def __init__(self, dim: int, depth: int = 4, heads: int = 4, ffn: int = 1024) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, heads, ffn, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self._masks: dict[int, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[1]
+        if n not in self._masks:
+            self._masks[n] = nn.Transformer.generate_square_subsequent_mask(n, device=x.device)
+        return self.encoder(x, mask=self._masks[n], is_causal=True)
+
+
+def flash_stack(dim: int, depth: int, qk_dim: int) -> nn.Module | None:
+    try:
+        from flash_pytorch import GAU as FlashGAU
+    except ImportError:
+        return None
+    return nn.Sequential(*[FlashGAU(dim=dim, query_key_dim=qk_dim, expansion_factor=2.0, causal=True)
+                           for _ in range(depth)])
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def models(dim: int, gau_depth: int, qk_dim: int, tf_depth: int, tf_ffn: int, max_len: int) -> dict[str, nn.Module]:
+    out = {
+        "ours softmax_plus": LM(GAUStack(dim, gau_depth, attention="softmax_plus", qk_dim=qk_dim), dim,
+                                final_norm=False),
+        "ours relu2": LM(GAUStack(dim, gau_depth, attention="relu2", qk_dim=qk_dim), dim, final_norm=False),
+    }
+    flash = flash_stack(dim, gau_depth, qk_dim)
+    if flash is not None:
+        out["FLASH-pytorch GAU"] = LM(flash, dim)
+    out["TransformerEncoder"] = LM(CausalTransformer(dim, tf_depth, 4, tf_ffn), dim, positions=max_len)
+    return out
+
+
+def part_speed(a: argparse.Namespace) -> str:
+    torch.manual_seed(0)
+    ms = models(a.dim, a.gau_depth, a.qk_dim, a.tf_depth, a.tf_ffn, max(a.lens))
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in ms.items()}
+    names = list(ms)
+    for k, m in ms.items():
+        print(f"{k}: {n_params(m) / 1e6:.2f} M parameters", flush=True)
+    rows = {}
+    for n in a.lens:
+        ids = torch.randint(0, 256, (a.batch, n + 1))
+        times: dict[str, list[float]] = {k: [] for k in names}
+        for rep in range(a.warmup + a.reps):
+            for k in names:
+                m, opt = ms[k], opts[k]
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                if rep >= a.warmup:
+                    times[k].append(dt)
+            print(f"n={n} rep {rep}: " + " ".join(f"{k}={times[k][-1] if times[k] else float('nan'):.2f}s"
+                                                  for k in names), flush=True)
+        rows[n] = {k: a.batch * n / statistics.median(v) for k, v in times.items()}
+    ref_flash = "FLASH-pytorch GAU" if "FLASH-pytorch GAU" in names else None
+    head = "| n | " + " | ".join(f"{k} tok/s" for k in names) + " | "
+    head += "ours sp / FLASH | ours relu2 / FLASH | " if ref_flash else ""
+    head += "ours sp / Transformer | ours relu2 / Transformer |"
+    ncols = len(names) + (4 if ref_flash else 2)
+    lines = [head, "|---|" + "---|" * ncols]
+    for n, r in rows.items():
+        cells = [f"{r[k]:.0f}" for k in names]
+        if ref_flash:
+            cells += [f"{r['ours softmax_plus'] / r[ref_flash]:.2f}×", f"{r['ours relu2'] / r[ref_flash]:.2f}×"]
+        cells += [f"{r['ours softmax_plus'] / r['TransformerEncoder']:.2f}×",
+                  f"{r['ours relu2'] / r['TransformerEncoder']:.2f}×"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    params = ", ".join(f"{k} {n_params(m) / 1e6:.2f} M" for k, m in ms.items())
+    return "\n".join(lines) + (
+        f"\n\nParameters: {params}. d={a.dim}, GAU {a.gau_depth} layers (s={a.qk_dim}, e=2d), Transformer "
+        f"{a.tf_depth} layers (4 heads, FFN {a.tf_ffn}); batch {a.batch}; medians of {a.reps} interleaved steps after "
+        f"{a.warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{os.cpu_count()} shared cores."
+    )
+
+
+@torch.no_grad()
+def held_out_bpc(model: nn.Module, dm: TextDataModule, n: int, tokens: int) -> float:
+    model.eval()
+    nll, count = 0.0, 0
+    for batch in dm.eval_dataloader(n, max_windows=max(1, tokens // n), batch_size=8, extra=1):
+        logits = model(batch[:, :-1])
+        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    model.train()
+    return nll / count / math.log(2)
+
+
+def part_quality(a: argparse.Namespace) -> str:
+    torch.manual_seed(0)
+    n = a.quality_len
+    dm = TextDataModule(a.data, seq_len=n - 1, batch_size=a.batch, steps_per_epoch=10**6, seed=0)
+    # extra = 1 in the windows: the training loader yields n + 1 tokens = inputs n, targets n
+    ms = {
+        "GAU LM (softmax_plus)": LM(GAUStack(a.q_dim, a.q_gau_depth, attention="softmax_plus", qk_dim=a.q_qk_dim),
+                                    a.q_dim, final_norm=False),
+        "Transformer LM": LM(CausalTransformer(a.q_dim, a.tf_depth, 4, 4 * a.q_dim), a.q_dim, positions=n),
+    }
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.1) for k, m in ms.items()}
+    spent = dict.fromkeys(ms, 0.0)
+    steps = dict.fromkeys(ms, 0)
+    it = iter(dm.train_dataloader())
+    while min(spent.values()) < a.budget:
+        batch = next(it)[:, : n + 1]
+        for k, m in ms.items():
+            if spent[k] >= a.budget:
+                continue
+            factor = warmup_cosine(int(1000 * spent[k] / a.budget), 50, 1000, 0.1)
+            for g in opts[k].param_groups:
+                g["lr"] = a.lr * factor
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(m(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            spent[k] += time.perf_counter() - t0
+            steps[k] += 1
+        if steps[next(iter(ms))] % 50 == 0:
+            print(" ".join(f"{k}: {steps[k]} steps {spent[k]:.0f}s" for k in ms), flush=True)
+    lines = ["| model | parameters | steps in budget | held-out bpc (n=256) |", "|---|---|---|---|"]
+    for k, m in ms.items():
+        bpc = held_out_bpc(m, dm, n, a.eval_tokens)
+        lines.append(f"| {k} | {n_params(m) / 1e6:.2f} M | {steps[k]} | {bpc:.3f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + (
+        f"\n\nEach model trained for {a.budget:.0f} s of its own measured step time (steps alternate between the two), "
+        f"batch {a.batch} × {n} tokens of tiny Shakespeare, AdamW lr {a.lr} with warm-up + cosine over the budget; "
+        f"d={a.q_dim}: GAU {a.q_gau_depth} layers (s={a.q_qk_dim}), Transformer {a.tf_depth} layers (4 heads, "
+        f"FFN {4 * a.q_dim}, learned positions); held-out = last 10% of the text, {a.eval_tokens} tokens; "
+        f"{torch.get_num_threads()} thread(s)."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["speed", "quality"], default="speed")
+    p.add_argument("--lens", nargs="+", type=int, default=[256, 512, 1024])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--gau-depth", type=int, default=8)
+    p.add_argument("--qk-dim", type=int, default=128)
+    p.add_argument("--tf-depth", type=int, default=4)
+    p.add_argument("--tf-ffn", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--quality-len", type=int, default=256)
+    p.add_argument("--q-dim", type=int, default=128)
+    p.add_argument("--q-gau-depth", type=int, default=8)
+    p.add_argument("--q-qk-dim", type=int, default=64)
+    p.add_argument("--budget", type=float, default=240.0, help="seconds of step time per model (quality part)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--md", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    table = part_speed(a) if a.part == "speed" else part_quality(a)
+    cmd = "python benchmarks/gau_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = f"{table}\n\n`{cmd}` — wall {(time.perf_counter() - t0) / 60:.1f} min."
+    print(text)
+    if a.md:
+        _replace(Path(a.md), "gau_speed" if a.part == "speed" else "gau_quality", text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
