@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+pytest.importorskip("diffusers", reason="the DDPM needs the `gen` extra (diffusers)")
+
 from lightning_gen.ddpm import (
     DDPM,
     SampleGrid,
@@ -22,7 +24,13 @@ from lightning_gen.ddpm import (
     make_grid,
     make_noise_scheduler,
 )
-from lightning_gen.image_data import ImageDataModule, load_digits_images, load_mnist, read_idx, resize_images
+from lightning_gen.image_data import (
+    ImageDataModule,
+    load_digits_images,
+    load_mnist,
+    read_idx,
+    resize_images,
+)
 from lightning_mtl.callbacks import MultiTaskGradient
 from lightning_mtl.weighting import GradNormalize
 
