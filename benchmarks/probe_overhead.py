@@ -3,10 +3,10 @@
 One process, configurations interleaved: each round fits a fresh Trainer for ``--steps + 10`` steps per
 configuration (the order rotates every round), and times a window of exactly ``--steps`` optimizer steps after 10
 warm-up steps, so the window holds ``--steps / 50`` probe steps: the default rate. Reported per configuration: the
-median over rounds of the mean step time in the window, the median of the per-round ratios to the plain run of the
-same round (paired, so a slow period of the shared machine hits both), and the time spent inside the probes' own
-hooks as a share of the step time (measured directly, much less noisy than the end-to-end ratio), with the cost of
-one probe step in plain steps.
+median over rounds of the mean step time in the window, as process CPU time (one torch thread, data loading in the
+main process: all the work is this process's, and CPU time barely depends on what the other jobs of a shared machine
+do) and as wall time; the median of the per-round ratios to the plain run of the same round (paired); and the CPU
+time spent inside the probes' own hooks as a share of the step, with the cost of one probe step in plain steps.
 
 Run (about 2-3 minutes on 2 shared CPU cores)::
 
@@ -73,15 +73,15 @@ class Window(Callback):
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
-        self.start = self.stop = 0.0
+        self.start = self.stop = self.cpu_start = self.cpu_stop = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step == WARMUP:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step == WARMUP + self.steps:
-            self.stop = time.perf_counter()
+            self.stop, self.cpu_stop = time.perf_counter(), time.process_time()
 
 
 def self_timed(probe: Callback, window: Window, box: dict[str, float]) -> Callback:
@@ -91,10 +91,10 @@ def self_timed(probe: Callback, window: Window, box: dict[str, float]) -> Callba
         original = getattr(probe, name)
 
         def timed(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             out = _original(*args, **kwargs)
             if window.start and not window.stop:
-                box["seconds"] += time.perf_counter() - t0
+                box["seconds"] += time.process_time() - t0
             return out
 
         setattr(probe, name, timed)
@@ -110,8 +110,8 @@ def make_probes(config: str) -> list[Callback]:
     }[config]
 
 
-def chunk(config: str, args: argparse.Namespace, loader: DataLoader) -> tuple[float, float]:
-    """One fit; returns (seconds per step in the window, seconds inside probe hooks per step)."""
+def chunk(config: str, args: argparse.Namespace, loader: DataLoader) -> tuple[float, float, float]:
+    """One fit; per step in the window: (wall seconds, CPU seconds, CPU seconds inside the probe hooks)."""
     torch.manual_seed(0)
     window = Window(args.steps)
     box = {"seconds": 0.0}
@@ -128,7 +128,8 @@ def chunk(config: str, args: argparse.Namespace, loader: DataLoader) -> tuple[fl
         default_root_dir=args.out_dir,
     )
     trainer.fit(Stack(args.width, args.depth), loader)
-    return (window.stop - window.start) / args.steps, box["seconds"] / args.steps
+    steps = args.steps
+    return (window.stop - window.start) / steps, (window.cpu_stop - window.cpu_start) / steps, box["seconds"] / steps
 
 
 def update_markdown(path: str, text: str, command: str) -> None:
@@ -162,34 +163,40 @@ def main() -> None:
         batch_size=args.batch_size,
     )
     configs = ["none", "GradientMagnitudeProbe", "ResidualProbe", "both"]
-    step: dict[str, list[float]] = {c: [] for c in configs}
+    wall: dict[str, list[float]] = {c: [] for c in configs}
+    cpu: dict[str, list[float]] = {c: [] for c in configs}
     inside: dict[str, list[float]] = {c: [] for c in configs}
-    ratio: dict[str, list[float]] = {c: [] for c in configs}
     t0 = time.perf_counter()
     chunk("none", args, loader)  # warm-up fit (imports, allocator)
     for r in range(args.rounds):
         order = configs[r % len(configs) :] + configs[: r % len(configs)]
-        this: dict[str, float] = {}
         for c in order:
-            per_step, probe_time = chunk(c, args, loader)
-            step[c].append(per_step)
-            inside[c].append(probe_time)
-            this[c] = per_step
-        for c in configs:
-            ratio[c].append(this[c] / this["none"])
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c} {1e3 * this[c]:.2f} ms" for c in configs), flush=True)
-    base = statistics.median(step["none"])
+            w, u, h = chunk(c, args, loader)
+            wall[c].append(w)
+            cpu[c].append(u)
+            inside[c].append(h)
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{c} {1e3 * wall[c][-1]:.2f} ms wall / {1e3 * cpu[c][-1]:.2f} ms CPU" for c in configs),
+            flush=True,
+        )
+
+    def paired(series: dict[str, list[float]], c: str) -> float:
+        return statistics.median(a / b for a, b in zip(series[c], series["none"], strict=True))
+
+    base = statistics.median(cpu["none"])
     lines = [
-        "| configuration | median step time (ms) | median paired ratio to none | time inside probe hooks / step "
+        "| configuration | CPU time / step (ms, median) | CPU ratio to none (paired median) "
+        "| wall time / step (ms, median) | wall ratio to none (paired median) | CPU inside probe hooks / step "
         "| one probe step costs (plain steps) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         share = statistics.median(inside[c]) / base
-        per_probe = share * 50 if c != "none" else 0.0
         lines.append(
-            f"| {c} | {1e3 * statistics.median(step[c]):.2f} | {statistics.median(ratio[c]):.3f} | "
-            f"{100 * share:.2f}% | {per_probe:.2f} |"
+            f"| {c} | {1e3 * statistics.median(cpu[c]):.2f} | {paired(cpu, c):.3f} | "
+            f"{1e3 * statistics.median(wall[c]):.2f} | {paired(wall, c):.3f} | {100 * share:.2f}% | "
+            f"{share * 50:.2f} |"
         )
     text = "\n".join(lines)
     text += (

@@ -71,8 +71,7 @@ def _check_spec(name: str, arg: str, spec: Any) -> None:
     if not isinstance(spec, str) or not spec.strip():
         raise MisconfigurationException(
             f"{name}({arg}=...) must be 'all', a list of positions like 'first,middle,last' or '0,-1', or a "
-            "regex; "
-            f"got {spec!r}."
+            f"regex; got {spec!r}."
         )
     if spec == "all" or is_position_spec(spec):
         return
@@ -324,8 +323,7 @@ class GradientMagnitudeProbe(Callback):
                 "fused",
                 f"{type(self).__name__}: a fused optimizer with a GradScaler leaves the gradients multiplied "
                 "by the loss scale; gradient norms and loss-change predictions are left out (update ratios "
-                "are kept). "
-                "Use a non-fused optimizer (fused=False) to probe gradients.",
+                "are kept). Use a non-fused optimizer (fused=False) to probe gradients.",
             )
 
     @override
@@ -605,8 +603,7 @@ class ResidualProbe(Callback):
             elif not all(isinstance(b, nn.Module) for b in blocks):
                 raise MisconfigurationException(
                     f"{name}(blocks=...) must be None, a list of modules, a module class (or tuple of "
-                    "classes) or a "
-                    "regex over module names."
+                    "classes) or a regex over module names."
                 )
         self.blocks = blocks
         self.every_n_steps = every_n_steps
@@ -649,8 +646,7 @@ class ResidualProbe(Callback):
         if missing:
             raise MisconfigurationException(
                 f"ResidualProbe(blocks=[...]): {len(missing)} of the given modules "
-                f"({', '.join(missing[:4])}) are not "
-                "submodules of the LightningModule being trained."
+                f"({', '.join(missing[:4])}) are not submodules of the LightningModule being trained."
             )
         return [(ids[id(m)], m) for m in spec]
 
@@ -660,21 +656,20 @@ class ResidualProbe(Callback):
             return
         found = self._resolve(pl_module)
         if not found:
-            rule = {
-                None: "no nn.ModuleList/nn.Sequential with >= 2 children of one class",
-            }.get(None if self.blocks is None else "x", f"blocks={self.blocks!r} matched no submodule")
+            if self.blocks is None:
+                rule = "no nn.ModuleList/nn.Sequential with >= 2 children of one class"
+            else:
+                rule = f"blocks={self.blocks!r} matched no submodule"
             raise MisconfigurationException(
                 f"ResidualProbe found no residual blocks ({rule}). Pass blocks=[module, ...], "
-                "blocks=MyBlockClass or "
-                "blocks='regex over module names'."
+                "blocks=MyBlockClass or blocks='regex over module names'."
             )
         if self.branch is not None:
             for n, m in found:
                 if _get_path(m, self.branch) is None:
                     raise MisconfigurationException(
                         f"ResidualProbe(branch={self.branch!r}): block {n!r} ({type(m).__name__}) has no "
-                        "submodule "
-                        f"{self.branch!r}."
+                        f"submodule {self.branch!r}."
                     )
         self.block_names = [n for n, _ in found]
         self._modules = [m for _, m in found]
@@ -763,8 +758,7 @@ class ResidualProbe(Callback):
         if out is None:
             raise MisconfigurationException(
                 "ResidualProbe: the model output on the probe batch is not a Tensor (nor a tuple/dict "
-                "holding one, "
-                "nor has .logits). Pass forward_fn=... that returns the output tensor."
+                "holding one, nor has .logits). Pass forward_fn=... that returns the output tensor."
             )
         return out.detach(), records
 
