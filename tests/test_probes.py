@@ -136,7 +136,7 @@ def test_gradient_probe_equals_hand_computation_sgd(tmp_path):
     assert entry[f"update_ratio/{layer}"] == pytest.approx(math.sqrt(d / w), rel=1e-5)
     assert entry["loss_change/predicted"] == pytest.approx(-0.1 * total**2, rel=1e-6)
     assert entry["loss_change/linear"] == pytest.approx(-0.1 * total**2, rel=1e-4)  # plain SGD: <g, -ηg>
-    assert entry["loss_change/observed"] == pytest.approx(float(loss_after - loss_before), rel=1e-5, abs=1e-8)
+    assert entry["loss_change/observed"] == pytest.approx(float(loss_after - loss_before.detach()), rel=1e-5, abs=1e-8)
     assert probe.layer_names == ["inp", "blocks.0.ffn.0", "blocks.1.ffn.0", "blocks.2.ffn.0", "out"]
     # the trained model equals the hand-trained one
     for (_, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
