@@ -8,9 +8,9 @@ Quantities (Su, https://kexue.fm/archives/8994 and /8978; Wang et al., DeepNet, 
 * per-layer gradient norm :math:`\|g_l\|_2` and the total :math:`\|g\|_2`;
 * update-to-weight ratio :math:`\|\Delta\theta_l\|_2 / \|\theta_l\|_2` of the step actually taken;
 * first-order loss change of one step: exact linearisation :math:`\langle g, \Delta\theta\rangle`, and the
-  article's
-  predictions :math:`-\eta\|g\|_2^2` (SGD) and :math:`-\eta\|g\|_1` (Adam, whose early steps are sign descent:
-  the very first bias-corrected Adam step is :math:`-\eta\,\mathrm{sign}(g)` up to ``eps``);
+  article's predictions :math:`-\eta\|g\|_2^2` (SGD) and :math:`-\eta\|g\|_1` (Adam, whose early steps are
+  sign descent: the very first bias-corrected Adam step is :math:`-\eta\,\mathrm{sign}(g)` up to ``eps``);
+* the block discovery rule of the ResidualProbe (:func:`find_residual_blocks`) and its figures.
 * per-task gradient norms and cosines from a task Gramian :math:`G_{ij} = \langle g_i, g_j\rangle`.
 """
 

@@ -4,8 +4,7 @@ Training probes: gradient magnitudes and the DeepNet update size
 
 Two callbacks that show "increment explosion" (Su, https://kexue.fm/archives/8994, and the DeepNet analysis
 https://kexue.fm/archives/8978; Wang et al., *DeepNet: Scaling Transformers to 1,000 Layers*,
-arXiv:2203.00555)
-in any Lightning run, without changing it:
+arXiv:2203.00555) in any Lightning run, without changing it:
 
 * :class:`GradientMagnitudeProbe`: per-layer gradient norms, update-to-weight ratios, and the observed loss
   change of one step beside its first-order predictions; per-task norms and cosines under
@@ -13,7 +12,7 @@ in any Lightning run, without changing it:
 * :class:`ResidualProbe`: the residual branch ratio :math:`\|\varepsilon F(x)\|/\|x\|` of every block and the
   model update :math:`\|F(x;\theta_t) - F(x;\theta_0)\|` on a fixed probe batch.
 
-The math lives in :mod:`lightning_mtl.probes_math`.
+The math (and the block discovery rule, and the figures) lives in :mod:`lightning_mtl.probes_math`.
 """
 
 from __future__ import annotations
