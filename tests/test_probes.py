@@ -154,6 +154,23 @@ def test_adam_first_step_is_sign_descent(tmp_path):
     assert entry["loss_change/observed"] < 0
 
 
+def test_gradient_is_read_before_clipping(tmp_path):
+    """‖g‖ and <g, Δθ> use the gradient of the loss, not the clipped one the optimizer receives."""
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    probe = GradientMagnitudeProbe(every_n_steps=1)
+    trainer(tmp_path, 1, [probe], gradient_clip_val=0.01).fit(model, data())
+    ref.loss(next(iter(data()))).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    delta = torch.cat([(p - q).detach().reshape(-1) for p, q in zip(model.parameters(), ref.parameters(), strict=True)])
+    torch.testing.assert_close(delta, -0.1 * 0.01 * g / g.norm(), rtol=1e-4, atol=5e-8)  # SGD on the clipped g (fp32 θ)
+    (entry,) = probe.history
+    assert entry["grad_norm/total"] == pytest.approx(float(g.norm()), rel=1e-6)  # not 0.01
+    assert entry["loss_change/linear"] == pytest.approx(float(g @ delta), rel=1e-4)  # = -0.1 * 0.01 * |g|
+    assert entry["loss_change/predicted"] == pytest.approx(-0.1 * float(g.norm()) ** 2, rel=1e-5)  # no clipping
+
+
 def test_residual_probe_equals_hand_computation(tmp_path):
     torch.manual_seed(0)
     model = Net(depth=3, eps=0.5)

@@ -150,12 +150,17 @@ class GradientMagnitudeProbe(Callback):
       ``task/grad_norm/<task>``, ``task/cos/<a>~<b>`` and ``task/weight/<task>`` from its engine's Gramian of
       the step (no extra backward).
 
-    The gradient is read in ``on_train_batch_end`` of the probe step: the gradient the optimizer used
-    (unscaled by AMP, rewritten by MultiTaskGradient, clipped). Under DDP the gradient is already all-reduced,
-    so all ranks compute the same values; under FSDP2 the per-parameter sums of squares of the local shards
-    are all-reduced (one collective). With a *fused* optimizer and a GradScaler the gradient is still
-    multiplied by the loss scale when the hooks see it: the probe then warns once and leaves the gradient
-    quantities out (update ratios stay).
+    The gradient :math:`g` is copied in ``on_before_optimizer_step`` of the probe step: unscaled by AMP and
+    accumulated over ``accumulate_grad_batches``, *before* gradient clipping, i.e. the gradient of the training
+    loss, which is what the first-order term :math:`\langle g,\Delta\theta\rangle` needs (a clipped
+    gradient would not be). With :class:`~lightning_mtl.callbacks.MultiTaskGradient`, list the probe *before*
+    it to see the gradient of the summed loss; listed after it, the probe sees the combined gradient
+    :math:`\sum_k w_k g_k` (it says so at setup). Under DDP the gradient is already all-reduced, so all ranks
+    compute the same values; under FSDP2 the per-parameter sums of squares of the local shards are all-reduced
+    (one collective). With a *fused* optimizer and a GradScaler the gradient is still multiplied by the loss
+    scale when the hooks see it: the probe then warns once and leaves the gradient quantities out (update
+    ratios stay). Memory: on a probe step the probe holds one copy of the (local) parameters and one of their
+    gradients until the end of the step.
 
     Logged scalars go to every logger of the Trainer (``prefix`` + name, at ``trainer.global_step``); only the
     layers chosen by ``log_layers`` are logged, all layers of ``layers`` are kept in :attr:`history`. Without
@@ -225,6 +230,7 @@ class GradientMagnitudeProbe(Callback):
         self._mtl: Any = None
         self._rng: RngState | None = None
         self._before: list[Tensor] | None = None
+        self._grads: list[Tensor | None] | None = None
         self._lr: Tensor | None = None
         self._kind: str | None = None
         self._grads_valid = True
@@ -263,6 +269,12 @@ class GradientMagnitudeProbe(Callback):
         from lightning_mtl.callbacks.multitask import MultiTaskGradient
 
         self._mtl = next((cb for cb in trainer.callbacks if isinstance(cb, MultiTaskGradient)), None)
+        if self._mtl is not None and trainer.callbacks.index(self._mtl) < trainer.callbacks.index(self):
+            rank_zero_info(
+                f"{name} is listed after MultiTaskGradient: it sees the combined gradient sum_k w_k g_k, so "
+                "grad_norm/* and loss_change/linear refer to that direction, not to the gradient of the summed "
+                "loss. List the probe before MultiTaskGradient for the latter."
+            )
         if self.loss_change and not pl_module.automatic_optimization:
             self._warn_once(
                 "manual",
@@ -317,7 +329,10 @@ class GradientMagnitudeProbe(Callback):
             self._kind = "adam" if isinstance(opt, _ADAM) else "sgd" if isinstance(opt, torch.optim.SGD) else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._grads_valid = not (scaler is not None and opt.defaults.get("fused"))
-        if not self._grads_valid:
+        self._grads = None
+        if self._grads_valid:  # before clipping (which runs after this hook) and before the step
+            self._grads = [None if p.grad is None else local_tensor(p.grad.detach()).clone() for p in self._params]
+        else:
             self._warn_once(
                 "fused",
                 f"{type(self).__name__}: a fused optimizer with a GradScaler leaves the gradients multiplied "
@@ -347,7 +362,8 @@ class GradientMagnitudeProbe(Callback):
     ) -> None:
         assert self._owner is not None and self._lr is not None
         params = self._params
-        rows = parameter_stats(params, [p.grad for p in params], before)
+        grads, self._grads = self._grads, None
+        rows = parameter_stats(params, grads if grads is not None else [None] * len(params), before)
         rows = reduce_sharded_rows(rows, params)
         n = len(self.layer_names)
         per_layer = aggregate_rows(rows, self._owner, n + 1)[:n]
