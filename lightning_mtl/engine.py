@@ -46,7 +46,7 @@ exact Gramian of the global mean losses) unless ``rank_local=True``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -177,7 +177,7 @@ class GradientEngine:
             self._jac = torch.zeros(k, numel, dtype=ref.dtype if params else torch.float32, device=ref.device)
         if self._captured == 0:
             self._jac[: k - 1].zero_()
-            self._scale = _as_tensor(grad_scale, record.total)
+            self._scale = _as_tensor(grad_scale, record.total).clone()  # the scaler updates its tensor in place
         for i, loss in enumerate(losses[:-1]):
             grads = torch.autograd.grad(loss * factor.to(loss.dtype), params, retain_graph=True, allow_unused=True)
             self._jac[i].add_(_flatten(grads, params))
@@ -215,8 +215,12 @@ class GradientEngine:
         return w
 
     # ----------------------------------------------------------------------------------------------------------
-    def apply(self) -> Tensor | None:
-        """Write the weighted gradient into ``.grad`` (parameter mode); call after backward and unscaling.
+    def apply(self, grads_scale: Tensor | float = 1.0) -> Tensor | None:
+        """Write the weighted gradient into ``.grad`` (parameter mode); call after the backward, before the step.
+
+        Args:
+            grads_scale: the loss scale the ``.grad`` tensors still carry: 1 once a GradScaler has unscaled them
+                (the usual case), the scale itself for optimizers that unscale inside their fused step.
 
         Returns the weights used (representation mode: those of the last micro-batch), or ``None`` if nothing was
         captured since the last call.
@@ -232,18 +236,40 @@ class GradientEngine:
         assert params is not None and jac is not None and self._scale is not None
         k = jac.shape[0]
         head = jac[: k - 1]
-        head.div_(self._scale.to(jac.dtype))
+        out_scale = _as_tensor(grads_scale, jac).to(jac.dtype)
+        head.mul_(out_scale / self._scale.to(jac.dtype))  # captured at the loss scale, now in the scale of .grad
         if _world() > 1 and k > 1:
             dist.all_reduce(head)
             head.div_(_world())
             self.bytes_all_reduced += head.numel() * head.element_size()
         total = _flatten([p.grad for p in params], params)
         torch.sub(total, head.sum(0), out=jac[k - 1])
-        gram = jac @ jac.mT
+        gram = (jac @ jac.mT).double() / out_scale.double().square()
         w = self._weigh(gram)
         update = w.to(jac.dtype) @ jac
         _write_grads(update, params)
         return w
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        module: nn.Module | None = None,
+        shared: Tensor | None = None,
+        backward: Callable[[Tensor], Any] | None = None,
+        grad_scale: Tensor | float = 1.0,
+        accumulation: int = 1,
+    ) -> Tensor:
+        """For hand-written and Fabric loops: capture, then run ``backward(sum(losses) / accumulation)``.
+
+        ``backward`` defaults to ``Tensor.backward``; pass ``fabric.backward`` under Fabric (it applies the strategy's
+        and precision's behaviour). ``grad_scale`` is the loss scale that ``backward`` applies (fp16 GradScaler).
+        Call :meth:`apply` before the optimiser step. Returns the (unscaled, undivided) summed loss.
+        """
+        record = TaskLosses(dict(losses), shared, torch.stack([v.reshape(()) for v in losses.values()]).sum())
+        self.capture(record, module, grad_scale=grad_scale, accumulation=accumulation)
+        (backward or Tensor.backward)(record.total / accumulation)
+        return record.total.detach()
 
     # ----------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -14,7 +14,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
@@ -109,12 +116,7 @@ class MultiTaskGradient(Callback):
                 "lightning_mtl.engine.GradientEngine yourself: engine.capture(record) before "
                 "self.manual_backward(loss), engine.apply() before optimizer.step()."
             )
-        strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise MisconfigurationException(
-                f"MultiTaskGradient does not support {type(strategy).__name__} yet; use a single device or "
-                "strategy='ddp' / 'ddp_spawn'."
-            )
+        _check_strategy(trainer.strategy, self.engine.mode)
         self.engine.weighting.to(pl_module.device)
 
     # --- per micro-batch --------------------------------------------------------------------------------------
@@ -165,7 +167,10 @@ class MultiTaskGradient(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        weights = self.engine.apply()
+        scaler = _scaler(trainer)
+        still_scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
+        # fused optimizers unscale inside their step, so .grad still carries the loss scale here
+        weights = self.engine.apply(grads_scale=scaler._scale if still_scaled else 1.0)
         if weights is None:
             return
         if self.log and trainer._logger_connector.should_update_logs:  # the steps the Trainer writes out
@@ -199,3 +204,34 @@ class MultiTaskGradient(Callback):
 
 def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _check_strategy(strategy: Strategy, mode: str) -> None:
+    """Single device and DDP: both modes. FSDP2 (ModelParallelStrategy): representation mode. Others: refused."""
+    name = type(strategy).__name__
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return
+    if isinstance(strategy, ModelParallelStrategy):
+        if mode == "representation":
+            return
+        raise MisconfigurationException(
+            "MultiTaskGradient(mode='parameter') is not supported with ModelParallelStrategy (FSDP2) yet: the "
+            "per-task gradients would have to be reduce-scattered into the parameter shards. Use "
+            "mode='representation' (its K×K Gramian is all-reduced, FSDP2 handles the parameters), or DDP."
+        )
+    if isinstance(strategy, FSDPStrategy):
+        raise MisconfigurationException(
+            "MultiTaskGradient does not support strategy='fsdp' (FSDP1): its flat-parameter gradient shards are "
+            "not reachable per task. Use ModelParallelStrategy (FSDP2, `fully_shard`) with mode='representation', "
+            "or DDP."
+        )
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise MisconfigurationException(
+            "MultiTaskGradient does not support DeepSpeed: DeepSpeed runs its own backward and gradient partitioning "
+            "(ZeRO), so the per-task gradients and the rewritten .grad never meet. Supported: a single device, "
+            "DDP (both modes), and ModelParallelStrategy / FSDP2 (mode='representation')."
+        )
+    raise MisconfigurationException(
+        f"MultiTaskGradient does not support {name}. Supported: a single device, DDP (both modes), and "
+        "ModelParallelStrategy / FSDP2 (mode='representation')."
+    )
