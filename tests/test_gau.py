@@ -25,8 +25,13 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed, and one intra-op thread: these models are tiny, and on a shared CPU a second thread only spins."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small_gau(**kw) -> GAU:
