@@ -35,8 +35,10 @@ uses the number of unmasked tokens in the sequence for every row (FLASH-pytorch'
 length of the window (the length dependence that archives/9019 diagnoses). For a bidirectional unit the two agree.
 
 The softmax variants run through :func:`torch.nn.functional.scaled_dot_product_attention` (no explicit n×n softmax;
-the per-row factor :math:`\log n_i/\log n_\mathrm{ref}` is folded into :math:`q_i`); ``relu2`` forms the n×n scores
-once, with a cached mask-and-normaliser matrix, and no Python loop over positions.
+the per-row factor :math:`\log n_i/\log n_\mathrm{ref}` is folded into :math:`q_i`); ``relu2`` uses a small
+autograd function with a cached mask-and-:math:`1/n_i` table. A causal unit goes over the queries in blocks of
+``block`` rows (a loop over blocks, never over positions), each block against the keys up to its last row only, so the
+masked upper triangle is never computed; the result does not depend on ``block``.
 """
 
 from __future__ import annotations

@@ -69,6 +69,16 @@ def test_matches_explicit_reference(attention, causal, length):
     torch.testing.assert_close(gau(x), reference(gau, x))
 
 
+@pytest.mark.parametrize("attention", ATTN)
+def test_block_size_does_not_change_the_result(attention):
+    small, whole = small_gau(attention=attention, block=4), small_gau(attention=attention, block=1024)
+    whole.load_state_dict(small.state_dict())
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    mask = torch.rand(2, 11) > 0.3
+    torch.testing.assert_close(small(x), whole(x))
+    torch.testing.assert_close(small(x, mask), whole(x, mask))
+
+
 @pytest.mark.parametrize("length", LENGTH)
 @pytest.mark.parametrize("attention", ATTN)
 def test_causal_future_token_leaves_past_unchanged(attention, length):
