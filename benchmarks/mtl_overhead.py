@@ -53,9 +53,13 @@ class Net(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(k))
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         z = self.trunk(x)
-        return {f"t{i}": F.cross_entropy(h(z), y[:, i]) for i, h in enumerate(self.heads)}, z
+        return z, [h(z) for h in self.heads]
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        z, outs = self(x)
+        return {f"t{i}": F.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)}, z
 
 
 def make_steps(k: int) -> dict[str, Callable[[], None]]:

@@ -18,26 +18,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from mtl_overhead import Net  # the benchmark MLP (this folder is on sys.path when run as a script)
 from torch import nn
 
 import lightning_mtl as mtl
 from lightning_mtl.engine import GradientEngine
-
-DIMS = [784, 1024, 1024, 1024, 512]
-
-
-class Net(nn.Module):
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for a, b in zip(DIMS[:-1], DIMS[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        self.trunk = nn.Sequential(*layers)
-        self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(k))
-
-    def forward(self, x):
-        z = self.trunk(x)
-        return z, [h(z) for h in self.heads]
 
 
 def _count_hook(state, bucket):  # no annotations: DDP checks them literally
