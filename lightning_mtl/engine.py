@@ -176,11 +176,14 @@ class GradientEngine:
             numel = sum(_local(p).numel() for p in params)
             self._jac = torch.zeros(k, numel, dtype=ref.dtype if params else torch.float32, device=ref.device)
         if self._captured == 0:
-            self._jac[: k - 1].zero_()
             self._scale = _as_tensor(grad_scale, record.total).clone()  # the scaler updates its tensor in place
+        first = self._captured == 0
         for i, loss in enumerate(losses[:-1]):
             grads = torch.autograd.grad(loss * factor.to(loss.dtype), params, retain_graph=True, allow_unused=True)
-            self._jac[i].add_(_flatten(grads, params))
+            if first:
+                _flatten(grads, params, out=self._jac[i])  # written in place: no temporary of size P
+            else:
+                self._jac[i].add_(_flatten(grads, params))
 
     def _capture_representation(self, record: TaskLosses, factor: Tensor) -> None:
         z = record.shared
@@ -242,8 +245,10 @@ class GradientEngine:
             dist.all_reduce(head)
             head.div_(_world())
             self.bytes_all_reduced += head.numel() * head.element_size()
-        total = _flatten([p.grad for p in params], params)
-        torch.sub(total, head.sum(0), out=jac[k - 1])
+        last = jac[k - 1]
+        _flatten([p.grad for p in params], params, out=last)
+        if k > 1:
+            last.sub_(head.sum(0))
         gram = (jac @ jac.mT).double() / out_scale.double().square()
         w = self._weigh(gram)
         update = w.to(jac.dtype) @ jac
@@ -284,14 +289,14 @@ class GradientEngine:
             self.weighting.load_state_dict(state["weighting"])
 
 
-def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
     parts = [
         (torch.zeros(_local(p).numel(), dtype=p.dtype, device=p.device) if g is None else _local(g).reshape(-1))
         for g, p in zip(grads, params, strict=True)
     ]
     if not parts:
-        return torch.zeros(0)
-    return torch.cat(parts)
+        return torch.zeros(0) if out is None else out.zero_()
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
 def _local(t: Tensor) -> Tensor:
