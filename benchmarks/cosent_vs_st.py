@@ -11,7 +11,8 @@ training loop only (``Trainer.fit`` / ``SentenceTransformerTrainer.train``), wit
     python benchmarks/cosent_vs_st.py --data ../shared/data/stsb_en --runs ours,st-cosent --repeat 1
     python benchmarks/cosent_vs_st.py --table            # rewrite the table in benchmarks/cosent.md
 
-Runs: ``zero-shot``, ``ours``, ``st-cosent``, ``st-angle``, ``st-cosine``. Options ``--lr``, ``--epochs``, ``--scale``,
+Runs: ``zero-shot``, ``ours``, ``st-cosent``, ``st-angle``, ``st-cosine``, each optionally with per-run overrides
+(``ours:scale=5``, ``ours:lr=1e-4``). Options ``--lr``, ``--epochs``, ``--scale``,
 ``--pooling`` (ours only) change the hyper-parameters for the investigation of why CosineSimilarityLoss is ahead.
 """
 
@@ -45,6 +46,9 @@ def read_sts(path: Path, limit: int = 0, seed: int | None = None) -> tuple[list[
     return [r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [float(r["score"]) for r in rows]
 
 
+CPU = {"seconds": 0.0}  # process CPU time of the training loop (all threads); robust to other load on the machine
+
+
 def spearman_x100(e1, e2, gold) -> float:
     import torch.nn.functional as F
     from scipy.stats import spearmanr
@@ -69,9 +73,9 @@ def run_ours(args: argparse.Namespace, data: Path, dev) -> tuple[float, float]:
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(model, dm)
-    seconds = time.perf_counter() - t0
+    seconds, CPU["seconds"] = time.perf_counter() - t0, time.process_time() - c0
     s1, s2, gold = dev
     return spearman_x100(model.encode(s1), model.encode(s2), gold), seconds
 
@@ -94,9 +98,9 @@ def run_st(args: argparse.Namespace, data: Path, dev, loss_name: str) -> tuple[f
                  seed=args.seed, data_seed=args.seed, save_strategy="no", eval_strategy="no", report_to="none",
                  logging_steps=10_000, disable_tqdm=True, use_cpu=True, dataloader_drop_last=False)
     trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - t0
+    seconds, CPU["seconds"] = time.perf_counter() - t0, time.process_time() - c0
     d1, d2, gold = dev
     enc = lambda s: model.encode(s, batch_size=64, convert_to_tensor=True)  # noqa: E731
     return spearman_x100(enc(d1), enc(d2), gold), seconds
@@ -116,14 +120,18 @@ def one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     dev = read_sts(data / "sts-dev.tsv", args.dev_pairs)
-    name = args.one
+    name, _, overrides = args.one.partition(":")  # e.g. "ours:scale=5,lr=1e-4"
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        setattr(args, key, type(getattr(args, key))(value))
     if name == "ours":
         score, seconds = run_ours(args, data, dev)
     elif name == "zero-shot":
         score, seconds = run_zero_shot(args, data, dev)
     else:
         score, seconds = run_st(args, data, dev, name)
-    record = {"run": name, "spearman": round(score, 2), "seconds": round(seconds, 1), "lr": args.lr,
+    record = {"run": name, "spearman": round(score, 2), "seconds": round(seconds, 1),
+              "cpu_seconds": round(CPU["seconds"], 1), "lr": args.lr,
               "epochs": args.epochs, "scale": args.scale if name != "st-cosine" else None,
               "pooling": args.pooling if name in ("ours", "zero-shot") else "mean", "batch_size": args.batch_size,
               "max_length": args.max_length, "train_pairs": args.train_pairs or 5749,
@@ -169,6 +177,7 @@ def main() -> None:
     p.add_argument("--tag", default="anchor")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--workdir", default="/tmp/cosent_bench")
+    p.add_argument("--parallel", action="store_true", help="start the runs at once instead of back to back")
     p.add_argument("--table", action="store_true", help="only rewrite the table in benchmarks/cosent.md")
     p.add_argument("--train-pairs", type=int, default=0, help="train on a seeded random subset of N pairs")
     p.add_argument("--dev-pairs", type=int, default=0, help="score on the first N dev pairs only")
@@ -182,10 +191,16 @@ def main() -> None:
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     child = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("runs", "repeat", "table", "one")]
+             if k not in ("runs", "repeat", "table", "one", "parallel")]
     for _ in range(args.repeat):
-        for name in args.runs.split(","):
-            subprocess.run([sys.executable, __file__, *child, "--one", name], env=env, check=True)
+        names = args.runs.split(",")
+        if args.parallel:  # all runs at once: each sees the same load on a shared machine over the same period
+            procs = [subprocess.Popen([sys.executable, __file__, *child, "--one", n], env=env) for n in names]
+            if any(p.wait() for p in procs):
+                raise SystemExit("a run failed")
+        else:
+            for name in names:
+                subprocess.run([sys.executable, __file__, *child, "--one", name], env=env, check=True)
     write_table(Path(args.results), TABLE)
 
 

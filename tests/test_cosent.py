@@ -128,6 +128,18 @@ def test_multitask_sts_and_nli_with_gradnormalize(tiny_bert: str, tmp_path: Path
     assert weights is not None and weights.shape == (2,) and torch.isfinite(weights).all()
 
 
+def test_validation_spearman_matches_scipy(tiny_bert: str, tmp_path: Path) -> None:
+    from scipy.stats import spearmanr
+
+    model = CoSENTEncoder(tiny_bert)
+    data = SentencePairDataModule(val={"sts": str(write_sts(tmp_path / "sts.tsv"))}, batch_size=5)
+    got = trainer().validate(model, data, verbose=False)[0]["val/spearman/sts"]
+    with torch.no_grad():  # one batch, as in validation (the random model's cosines are close: padding matters)
+        cos = pairwise_cosine(model([a for a, _, _ in STS_ROWS]), model([b for _, b, _ in STS_ROWS]))
+    expected = spearmanr(cos.numpy(), [y for _, _, y in STS_ROWS]).statistic
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
 def test_save_pretrained_round_trip_through_sentence_transformers(tiny_bert: str, tmp_path: Path) -> None:
     st = pytest.importorskip("sentence_transformers")
     sentences = ["a man plays the guitar", "a dog", "the child is sleeping in the park on a big red ball", "cat"]
