@@ -202,3 +202,33 @@ def test_fabric_example_under_fabric_run(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "identical parameters on all 2 ranks" in proc.stdout
+
+
+def test_fsdp2_representation_mode_equals_one_process(tmp_path):
+    """ModelParallelStrategy (FSDP2, fully_shard) on 2 processes, representation mode: the same parameters as one
+    process on the concatenated batch (and so as the DDP run above). Run as a script: the strategy re-launches it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = ROOT / "tests" / "scripts" / "fsdp2_representation.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "fsdp0.pt"), torch.load(tmp_path / "fsdp1.pt")
+    ds = make_data(n=80)
+    torch.manual_seed(0)
+    single = TwoHeads()
+    trainer(max_epochs=1, callbacks=[MultiTaskGradient(mtl.MGDA(), mode="representation")]).fit(single, loader(ds, 16))
+    for a, b, c in zip(r0, r1, single.parameters()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_parameter_mode_is_refused_with_a_message():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_mtl.callbacks.multitask import _check_strategy
+
+    with pytest.raises(MisconfigurationException, match="mode='representation'"):
+        _check_strategy(ModelParallelStrategy(), "parameter")
+    _check_strategy(ModelParallelStrategy(), "representation")
