@@ -125,6 +125,12 @@ def part_speed(a: argparse.Namespace) -> str:
             print(f"n={n} rep {rep}: " + " ".join(f"{k}={times[k][-1] if times[k] else float('nan'):.2f}s"
                                                   for k in names), flush=True)
         rows[n] = {k: a.batch * n / statistics.median(v) for k, v in times.items()}
+        # ratios step by step within each round (neighbours in time see about the same machine load)
+        for k in names:
+            for ref in ("FLASH-pytorch GAU", "TransformerEncoder"):
+                if ref in times and k.startswith("ours"):
+                    paired = [tr / tk for tk, tr in zip(times[k], times[ref], strict=True)]
+                    rows[n][f"{k} / {ref} paired"] = statistics.median(paired)
     ref_flash = "FLASH-pytorch GAU" if "FLASH-pytorch GAU" in names else None
     head = "| n | " + " | ".join(f"{k} tok/s" for k in names) + " | "
     head += "ours sp / FLASH | ours relu2 / FLASH | " if ref_flash else ""
@@ -133,16 +139,18 @@ def part_speed(a: argparse.Namespace) -> str:
     lines = [head, "|---|" + "---|" * ncols]
     for n, r in rows.items():
         cells = [f"{r[k]:.0f}" for k in names]
-        if ref_flash:
-            cells += [f"{r['ours softmax_plus'] / r[ref_flash]:.2f}×", f"{r['ours relu2'] / r[ref_flash]:.2f}×"]
-        cells += [f"{r['ours softmax_plus'] / r['TransformerEncoder']:.2f}×",
-                  f"{r['ours relu2'] / r['TransformerEncoder']:.2f}×"]
+        refs = ([ref_flash] if ref_flash else []) + ["TransformerEncoder"]
+        for ref in refs:
+            for k in ("ours softmax_plus", "ours relu2"):
+                cells.append(f"{r[k] / r[ref]:.2f}× ({r[f'{k} / {ref} paired']:.2f}×)")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     params = ", ".join(f"{k} {n_params(m) / 1e6:.2f} M" for k, m in ms.items())
     return "\n".join(lines) + (
         f"\n\nParameters: {params}. d={a.dim}, GAU {a.gau_depth} layers (s={a.qk_dim}, e=2d), Transformer "
         f"{a.tf_depth} layers (4 heads, FFN {a.tf_ffn}); batch {a.batch}; medians of {a.reps} interleaved steps after "
-        f"{a.warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{a.warmup} warm-up round(s); ratios: of the median tokens/s, and in brackets the median over rounds of the "
+        "ratio of the two steps' times in the same round; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{os.cpu_count()} shared cores."
     )
 
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--md", default=None)
+    p.add_argument("--key", default=None, help="markdown marker to replace (default gau_speed / gau_quality)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     text = f"{table}\n\n`{cmd}` — wall {(time.perf_counter() - t0) / 60:.1f} min."
     print(text)
     if a.md:
-        _replace(Path(a.md), "gau_speed" if a.part == "speed" else "gau_quality", text)
+        _replace(Path(a.md), a.key or ("gau_speed" if a.part == "speed" else "gau_quality"), text)
 
 
 if __name__ == "__main__":
