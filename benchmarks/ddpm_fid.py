@@ -17,6 +17,7 @@ Every variant appends one JSON line to ``<workdir>/results.jsonl``; ``--report``
     python benchmarks/ddpm_fid.py --variants data,a,e,d --steps 800 --workdir /tmp/ddpm_bench
     python benchmarks/ddpm_fid.py --variants b0,c,b1 --steps 800 --workdir /tmp/ddpm_bench
     python benchmarks/ddpm_fid.py --report --workdir /tmp/ddpm_bench
+    python benchmarks/ddpm_fid.py --compose benchmarks/ddpm_samples.png --workdir /tmp/ddpm_bench
 """
 
 from __future__ import annotations
@@ -208,6 +209,28 @@ def report(args: argparse.Namespace) -> None:
             print(f"\nDDIM-50 is {r['speedup']:.1f}× faster than DDPM-1000 per image.")
 
 
+def compose(args: argparse.Namespace, out: str) -> None:
+    """One small PNG: 2 rows (16 images) of real 8×8 MNIST, then 2 rows of each grid found in the workdir."""
+    from PIL import Image
+
+    workdir = Path(args.workdir)
+    real = (real_images(args, "test")[:16] + 1) / 2
+    save_png(make_grid(real, 8), workdir / "grid_real.png", 4)
+    rows = []
+    for name in ("real", "a", "e_ddpm1000", "c250", "d", "b1"):
+        path = workdir / f"grid_{name}.png"
+        if path.is_file():
+            img = Image.open(path)
+            rows.append(img.crop((0, 0, img.width, min(img.height, 4 + 2 * (args.size + 1) * 4))))
+            print("row:", name)
+    canvas = Image.new("L", (rows[0].width, sum(r.height for r in rows)), 255)
+    y = 0
+    for r in rows:
+        canvas.paste(r, (0, y))
+        y += r.height
+    canvas.save(out, optimize=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mnist", default="../shared/data/mnist")
@@ -222,7 +245,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", action="store_true")
+    p.add_argument("--compose", default=None, help="write the composite sample PNG here and exit")
     args = p.parse_args()
+    if args.compose:
+        compose(args, args.compose)
+        return
     if args.report:
         report(args)
         return
