@@ -332,6 +332,12 @@ def test_digits_and_grid_helpers() -> None:
     assert g.shape == (1, 2 * 9 + 1, 3 * 9 + 1)
 
 
+def test_default_is_28x28_grey() -> None:
+    model = DDPM()
+    assert model.image_shape == (1, 28, 28)
+    assert model.noise_scheduler.config.num_train_timesteps == 1000
+
+
 def test_argument_validation() -> None:
     with pytest.raises(ValueError, match="preset"):
         DDPM(preset="cifar")
