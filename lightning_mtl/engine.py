@@ -49,6 +49,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -78,6 +80,11 @@ def reached_parameters(loss: Tensor) -> set[int]:
     return leaves
 
 
+def _scaled(loss: Tensor, factor: Tensor) -> Tensor:
+    """``loss * factor`` in at least fp32, as GradScaler does (2^16 would overflow an fp16 loss)."""
+    return loss.to(torch.promote_types(loss.dtype, torch.float32)) * factor
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -97,14 +104,26 @@ class GradientEngine:
         rank_local: representation mode under DDP: use each rank's own Gramian instead of the all-reduced global
             one (saves a K×K all-reduce; ranks then combine with different weights and their averaged update is
             not the weighting of any one Gramian).
+        subtract_last: parameter mode: recover the last task's gradient as ``.grad`` minus the others (K backward
+            passes). Its rounding error is about eps·‖Σg‖, so a last task whose gradient is much smaller than the
+            others' is imprecise in fp16; put the dominant loss last in the dict, or set ``False`` to compute every
+            task gradient explicitly (K+1 backward passes).
     """
 
-    def __init__(self, weighting: Weighting | nn.Module, mode: Mode = "parameter", *, rank_local: bool = False) -> None:
+    def __init__(
+        self,
+        weighting: Weighting | nn.Module,
+        mode: Mode = "parameter",
+        *,
+        rank_local: bool = False,
+        subtract_last: bool = True,
+    ) -> None:
         if mode not in ("parameter", "representation"):
             raise ValueError(f"mode must be 'parameter' or 'representation', got {mode!r}.")
         self.weighting = as_weighting(weighting)
         self.mode: Mode = mode
         self.rank_local = rank_local
+        self.subtract_last = subtract_last
         self.tasks: tuple[str, ...] | None = None
         self.shared_params: list[nn.Parameter] | None = None
         self.last_gramian: Tensor | None = None
@@ -114,6 +133,14 @@ class GradientEngine:
         self._scale: Tensor | None = None  # S of the current accumulation cycle
         self._captured = 0  # micro-batches captured since the last apply
         self.bytes_all_reduced = 0  # for the scaling benchmark
+
+    def reset(self) -> None:
+        """Forget the model: the shared parameters are found again at the next capture (a new ``fit``, or
+        parameters frozen or unfrozen). The task order and the weighting's state are kept."""
+        self.shared_params = None
+        self._jac = None
+        self._scale = None
+        self._captured = 0
 
     # ----------------------------------------------------------------------------------------------------------
     def _bind(self, record: TaskLosses, module: nn.Module | None) -> None:
@@ -137,6 +164,12 @@ class GradientEngine:
                 counts[pid] = counts.get(pid, 0) + 1
         if module is None:
             raise ValueError("Parameter mode needs the module whose parameters the task losses reach.")
+        if len(record.losses) == 1:
+            warnings.warn(
+                "Only one task loss was given: there is nothing to weight, the gradient is left as it is.",
+                UserWarning,
+                stacklevel=3,
+            )
         shared = [p for p in module.parameters() if p.requires_grad and counts.get(id(p), 0) > 1]
         if not shared and len(record.losses) > 1:
             raise ValueError(
@@ -178,8 +211,9 @@ class GradientEngine:
         if self._captured == 0:
             self._scale = _as_tensor(grad_scale, record.total).clone()  # the scaler updates its tensor in place
         first = self._captured == 0
-        for i, loss in enumerate(losses[:-1]):
-            grads = torch.autograd.grad(loss * factor.to(loss.dtype), params, retain_graph=True, allow_unused=True)
+        captured = losses[:-1] if self.subtract_last else losses
+        for i, loss in enumerate(captured):
+            grads = torch.autograd.grad(_scaled(loss, factor), params, retain_graph=True, allow_unused=True)
             if first:
                 _flatten(grads, params, out=self._jac[i])  # written in place: no temporary of size P
             else:
@@ -199,7 +233,7 @@ class GradientEngine:
             )
         d = []
         for loss in record.losses.values():
-            (g,) = torch.autograd.grad(loss * factor.to(loss.dtype), z, retain_graph=True, allow_unused=True)
+            (g,) = torch.autograd.grad(_scaled(loss, factor), z, retain_graph=True, allow_unused=True)
             d.append(torch.zeros_like(z) if g is None else g)
         flat = torch.stack([g.reshape(-1) for g in d]).to(torch.promote_types(z.dtype, torch.float32))
         gram = (flat @ flat.mT).double() / factor.double().square()
@@ -238,20 +272,25 @@ class GradientEngine:
         jac = self._jac
         assert params is not None and jac is not None and self._scale is not None
         k = jac.shape[0]
-        head = jac[: k - 1]
+        n_captured = k - 1 if self.subtract_last else k
+        head = jac[:n_captured]
         out_scale = _as_tensor(grads_scale, jac).to(jac.dtype)
         head.mul_(out_scale / self._scale.to(jac.dtype))  # captured at the loss scale, now in the scale of .grad
-        if _world() > 1 and k > 1:
+        if _world() > 1 and n_captured > 0:
             dist.all_reduce(head)
             head.div_(_world())
             self.bytes_all_reduced += head.numel() * head.element_size()
-        last = jac[k - 1]
-        _flatten([p.grad for p in params], params, out=last)
-        if k > 1:
-            last.sub_(head.sum(0))
+        if self.subtract_last:
+            last = jac[k - 1]
+            _flatten([p.grad for p in params], params, out=last)
+            if k > 1:
+                last.sub_(head.sum(0))
         gram = (jac @ jac.mT).double() / out_scale.double().square()
         w = self._weigh(gram)
-        update = w.to(jac.dtype) @ jac
+        # a non-finite Gramian (an inf/NaN task gradient under fp16): leave .grad as the backward made it (weights 1),
+        # so that what the GradScaler checked and what the optimizer would see agree
+        applied = torch.where(torch.isfinite(gram).all(), w, torch.ones_like(w))
+        update = applied.to(jac.dtype) @ jac
         _write_grads(update, params)
         return w
 
@@ -312,7 +351,5 @@ def _write_grads(flat: Tensor, params: Iterable[nn.Parameter]) -> None:
         n = local.numel()
         chunk = flat[offset : offset + n].view(local.shape)
         offset += n
-        if p.grad is None:
-            p.grad = chunk.clone()
-        else:
+        if p.grad is not None:  # None: no task reached p this step, so the optimizer skips it as it would anyway
             _local(p.grad).copy_(chunk)

@@ -223,8 +223,8 @@ class PrimaryAuxiliary(Weighting):
     Su, *多任务学习漫谈(三): 分主次之序*, https://kexue.fm/archives/8907 (2022). One auxiliary has the closed
     form :math:`\lambda = \mathrm{relu}(-\langle g_0, g_1\rangle)/\|g_1\|^2`: a conflicting primary gradient is
     projected onto the normal plane of :math:`g_1`, a non-conflicting one is left unchanged. Several auxiliaries
-    use the article's coordinate re-fit (pick :math:`\tau = \arg\min_i \langle g_i, u\rangle`, re-solve
-    :math:`\lambda_\tau` by the one-auxiliary rule) or, for K ≤ 8, the exact solution. Several primaries (the
+    use the exact solution for K ≤ 8, and beyond it the article's coordinate re-fit (re-solve one
+    :math:`\lambda_\tau` by the one-auxiliary rule), swept over all auxiliaries (see :func:`min_norm_weights`). Several primaries (the
     article's "mixed case") take MGDA weights :math:`\alpha \in \Delta` among themselves:
     :math:`\min_{\alpha\in\Delta,\lambda\ge0}\|\sum\alpha_p g_p + \sum\lambda_i g_i\|^2`.
 
@@ -248,6 +248,8 @@ class PrimaryAuxiliary(Weighting):
         if len(set(prim)) != len(prim):
             raise ValueError(f"PrimaryAuxiliary(primary=...) lists a task twice: {prim}.")
         _check_method(method, "PrimaryAuxiliary")
+        if max_iter < 1:
+            raise ValueError(f"PrimaryAuxiliary(max_iter=...) must be >= 1, got {max_iter}.")
         self.primary = prim
         self.method = method
         self.max_iter = max_iter
@@ -429,10 +431,13 @@ def min_norm_weights(
     support's system is singular, the same objective is reached on a smaller one), so this is exact up to
     round-off, and the result is always feasible. Cost: :math:`2^K` systems of size K+1; meant for K ≤ 8-10.
 
-    ``method="iterative"``: Frank-Wolfe on the primaries (step 1: :math:`\tau=\arg\min_{i\in P}(Gx)_i`; exact
-    line search towards :math:`e_\tau`) alternated with the article's coordinate re-fit of the auxiliary
-    :math:`\tau=\arg\min_{i\in A}(Gx)_i`: :math:`x_\tau \leftarrow \mathrm{relu}(x_\tau - (Gx)_\tau/G_{\tau\tau})`.
-    A fixed number of iterations, no device synchronisation.
+    ``method="iterative"``: Frank-Wolfe on the primaries (:math:`\tau=\arg\min_{i\in P}(Gx)_i`, exact line search
+    towards :math:`e_\tau`) alternated with a sweep of the article's one-auxiliary re-fit over every auxiliary:
+    :math:`x_\tau \leftarrow \mathrm{relu}(-\langle r, g_\tau\rangle)/G_{\tau\tau}` with :math:`r` the update
+    without :math:`\tau`'s term. The article re-fits only :math:`\tau=\arg\min_i\langle g_i,u\rangle`; that
+    choice can stall on an auxiliary whose coefficient overshot (its inner product is then positive and it is never
+    picked again), while the cyclic sweep is projected coordinate descent and converges. A fixed number of
+    iterations, no device synchronisation.
     """
     g = gramian.to(torch.float64)
     prim = tuple(sorted(set(int(i) for i in primary)))
@@ -458,31 +463,44 @@ def _supports(k: int, prim: tuple[int, ...]) -> tuple[tuple[bool, ...], ...]:
     return tuple(out)
 
 
-def _exact(g: Tensor, prim: tuple[int, ...]) -> Tensor:
+def _kkt_candidates(g: Tensor, p: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve the KKT system of ``min x'Gx, sum_P x = 1`` restricted to each support ``m[s]`` ([S, K] bool).
+
+    Returns the candidates ``x`` ([S, K], clamped to x >= 0 and renormalised over the primaries ``p``) and their
+    objective, ``inf`` where the system is singular or its solution is not feasible.
+    """
     k = g.shape[0]
-    dev = g.device
-    m = torch.tensor(_supports(k, prim), device=dev)  # [S, K] bool
-    p = torch.zeros(k, dtype=g.dtype, device=dev)
-    p[list(prim)] = 1.0
     n = m.shape[0]
     mf = m.to(g.dtype)
-    eye = torch.eye(k, dtype=g.dtype, device=dev)
-    a = torch.zeros(n, k + 1, k + 1, dtype=g.dtype, device=dev)
+    eye = torch.eye(k, dtype=g.dtype, device=g.device)
+    a = torch.zeros(n, k + 1, k + 1, dtype=g.dtype, device=g.device)
     # rows i in the support: (G x)_i - nu * p_i = 0 with x_j = 0 off the support; other rows: x_i = 0
     a[:, :k, :k] = torch.where(m[:, :, None], g[None] * mf[:, None, :], eye[None])
     a[:, :k, k] = -p[None] * mf
     a[:, k, :k] = p[None] * mf
-    b = torch.zeros(n, k + 1, dtype=g.dtype, device=dev)
+    b = torch.zeros(n, k + 1, dtype=g.dtype, device=g.device)
     b[:, k] = 1.0
     sol, info = torch.linalg.solve_ex(a, b)
     x = sol[:, :k] * mf
     scale = x.abs().amax(dim=1).clamp_min(1.0)
     feasible = (info == 0) & torch.isfinite(x).all(dim=1) & (x >= -1e-9 * scale[:, None]).all(dim=1)
-    x = torch.where(feasible[:, None], x, torch.zeros_like(x))
-    x = x.clamp_min(0)
+    x = torch.where(feasible[:, None], x, torch.zeros_like(x)).clamp_min(0)
     x = x / (x * p).sum(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
     obj = torch.einsum("si,ij,sj->s", x, g, x)
     obj = torch.where(feasible & torch.isfinite(obj), obj, torch.full_like(obj, float("inf")))
+    return x, obj
+
+
+def _primary_mask(k: int, prim: tuple[int, ...], g: Tensor) -> Tensor:
+    p = torch.zeros(k, dtype=g.dtype, device=g.device)
+    p[list(prim)] = 1.0
+    return p
+
+
+def _exact(g: Tensor, prim: tuple[int, ...]) -> Tensor:
+    k = g.shape[0]
+    m = torch.tensor(_supports(k, prim), device=g.device)  # [S, K] bool
+    x, obj = _kkt_candidates(g, _primary_mask(k, prim, g), m)
     return x[obj.argmin()]
 
 
@@ -494,7 +512,8 @@ def _iterative(g: Tensor, prim: tuple[int, ...], max_iter: int) -> Tensor:
     x = is_p.to(dt) / len(prim)
     diag = g.diagonal()
     inf = torch.tensor(float("inf"), dtype=dt, device=dev)
-    has_aux = len(prim) < k
+    aux = [i for i in range(k) if i not in prim]
+    unit = torch.eye(k, dtype=dt, device=dev)
     for _ in range(max_iter):
         if len(prim) > 1:  # Frank-Wolfe step among the primaries
             gx = g @ x
@@ -503,12 +522,12 @@ def _iterative(g: Tensor, prim: tuple[int, ...], max_iter: int) -> Tensor:
             dgd = d @ g @ d
             gamma = torch.where(dgd > 0, -(d @ gx) / torch.where(dgd > 0, dgd, torch.ones_like(dgd)), 0.0).clamp(0, 1)
             x = x + gamma * d
-        if has_aux:  # the article's coordinate re-fit of the most violated auxiliary
-            gx = g @ x
-            tau = torch.where(is_p, inf, gx).argmin()
+        for tau in aux:  # the article's one-auxiliary re-fit, applied to every auxiliary in turn
             gtt = diag[tau]
-            new = torch.where(
-                gtt > 0, torch.relu(x[tau] - gx[tau] / torch.where(gtt > 0, gtt, torch.ones_like(gtt))), 0.0
-            )
-            x = x + (new - x[tau]) * torch.nn.functional.one_hot(tau, k).to(dt)
-    return x
+            r_dot = g[tau] @ x - x[tau] * gtt  # <r, g_tau> with tau's own term removed
+            new = torch.where(gtt > 0, torch.relu(-r_dot) / torch.where(gtt > 0, gtt, torch.ones_like(gtt)), 0.0)
+            x = x + (new - x[tau]) * unit[tau]
+    # polish: solve the KKT system on the support the iterations found; keep it if it is feasible and better
+    p = _primary_mask(k, prim, g)
+    cand, obj = _kkt_candidates(g, p, (x > 0)[None])
+    return torch.where(obj[0] < x @ g @ x, cand[0], x)

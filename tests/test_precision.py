@@ -15,19 +15,19 @@ from lightning_mtl.callbacks import MultiTaskGradient
 from tests._mtl_models import GradRecorder, TwoHeads, loader, make_data, trainer
 
 
-def fp16() -> MixedPrecision:
-    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+def fp16(init_scale: float = 2.0**16) -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
 
 
 def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.float().reshape(-1) for _, g in sorted(grads.items())])
 
 
-def _first_update(model, plugins, weighting, optimizer="sgd") -> torch.Tensor:
+def _first_update(model, plugins, weighting, optimizer="sgd", **kw) -> torch.Tensor:
     recorder = GradRecorder()
     m = copy.deepcopy(model)
     m.optimizer = optimizer
-    trainer(max_steps=1, plugins=plugins, callbacks=[MultiTaskGradient(weighting), recorder]).fit(
+    trainer(max_steps=1, plugins=plugins, callbacks=[MultiTaskGradient(weighting, **kw), recorder]).fit(
         m, loader(make_data(n=64), 64)
     )
     return _flat(recorder.grads[0])
@@ -43,6 +43,19 @@ def test_fp16_with_a_scaler_gives_the_fp32_direction(make):
     cos = F.cosine_similarity(ref, half, dim=0)
     assert float(cos) > 0.999
     assert float(half.norm() / ref.norm()) == pytest.approx(1.0, rel=0.02)  # unscaled, same size
+
+
+@pytest.mark.parametrize("order", ["small task first", "small task last, explicit"])
+def test_fp16_with_very_unbalanced_tasks(order):
+    """Recovering the last task by subtraction costs eps·|sum g| of precision: with a 300x smaller task, either put
+    it first (the dominant loss last) or compute it explicitly (subtract_last=False)."""
+    torch.manual_seed(0)
+    model = TwoHeads(dim=6, hidden=32)
+    model.loss_scale = [1.0, 300.0] if order == "small task first" else [300.0, 1.0]
+    kw = {} if order == "small task first" else {"subtract_last": False}
+    ref = _first_update(model, [], mtl.GradNormalize())
+    half = _first_update(model, [fp16(init_scale=2.0**6)], mtl.GradNormalize(), **kw)  # no overflow at step 1
+    assert float(F.cosine_similarity(ref, half, dim=0)) > 0.999
 
 
 def test_fused_optimizer_sees_consistently_scaled_gradients():

@@ -169,6 +169,19 @@ def test_primary_auxiliary_never_raises_an_auxiliary(jac):
     assert float(w @ gram @ w) <= ref + 1e-6 * float(gram.diagonal().max())
 
 
+@SETTINGS
+@given(jacobians(k_min=3, k_max=7, n_max=6))
+def test_primary_auxiliary_iterative_solver_with_several_auxiliaries(jac):
+    """The K > 8 path (article's re-fit swept over the auxiliaries, then a KKT polish), also on rank-deficient
+    Jacobians, where picking only the most violated auxiliary stalls."""
+    gram = jac @ jac.T
+    exact = mtl.PrimaryAuxiliary(0, method="exact")(gram)
+    it = mtl.PrimaryAuxiliary(0, method="iterative", max_iter=200)(gram)
+    assert it[0] == 1 and (it[1:] >= 0).all()
+    scale = float(gram.diagonal().max())
+    assert float(it @ gram @ it) <= float(exact @ gram @ exact) + 1e-4 * scale
+
+
 def test_primary_auxiliary_leaves_a_non_conflicting_gradient_alone():
     jac = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.0, 3.0]], dtype=torch.float64)
     w = mtl.PrimaryAuxiliary(0)(jac @ jac.T)

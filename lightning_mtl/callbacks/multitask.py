@@ -57,6 +57,8 @@ class MultiTaskGradient(Callback):
             representation mode the norms of dL/dz) and pairwise cosines (``mtl/cos/<a>~<b>``) at the Trainer's
             ``log_every_n_steps``.
         rank_local: representation mode under DDP: weight with each rank's own Gramian (no all-reduce).
+        subtract_last: parameter mode: recover the last task's gradient by subtraction (K backward passes; put the
+            dominant loss last under fp16) or compute it explicitly (``False``, K+1 passes).
 
     Raises:
         MisconfigurationException: for manual optimisation, or a strategy that is not supported.
@@ -81,6 +83,7 @@ class MultiTaskGradient(Callback):
         validate: bool = True,
         log: bool = True,
         rank_local: bool = False,
+        subtract_last: bool = True,
     ) -> None:
         if mode not in ("parameter", "representation"):
             raise MisconfigurationException(
@@ -88,7 +91,7 @@ class MultiTaskGradient(Callback):
             )
         if rank_local and mode != "representation":
             raise MisconfigurationException("MultiTaskGradient(rank_local=True) only applies to mode='representation'.")
-        self.engine = GradientEngine(weighting, mode, rank_local=rank_local)
+        self.engine = GradientEngine(weighting, mode, rank_local=rank_local, subtract_last=subtract_last)
         self.validate = validate
         self.log = log
         self._checked = False
@@ -118,6 +121,11 @@ class MultiTaskGradient(Callback):
             )
         _check_strategy(trainer.strategy, self.engine.mode)
         self.engine.weighting.to(pl_module.device)
+        self.engine.reset()  # a callback reused for another fit must not keep the previous model's parameters
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.engine.reset()  # find the shared parameters again (layers frozen or unfrozen between epochs)
 
     # --- per micro-batch --------------------------------------------------------------------------------------
     @override
