@@ -46,10 +46,9 @@ exact Gramian of the global mean losses) unless ``rank_local=True``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
-
-import warnings
 
 import torch
 import torch.distributed as dist

@@ -224,8 +224,8 @@ class PrimaryAuxiliary(Weighting):
     form :math:`\lambda = \mathrm{relu}(-\langle g_0, g_1\rangle)/\|g_1\|^2`: a conflicting primary gradient is
     projected onto the normal plane of :math:`g_1`, a non-conflicting one is left unchanged. Several auxiliaries
     use the exact solution for K ≤ 8, and beyond it the article's coordinate re-fit (re-solve one
-    :math:`\lambda_\tau` by the one-auxiliary rule), swept over all auxiliaries (see :func:`min_norm_weights`). Several primaries (the
-    article's "mixed case") take MGDA weights :math:`\alpha \in \Delta` among themselves:
+    :math:`\lambda_\tau` by the one-auxiliary rule), swept over all auxiliaries (see :func:`min_norm_weights`).
+    Several primaries (the article's "mixed case") take MGDA weights :math:`\alpha \in \Delta` among themselves:
     :math:`\min_{\alpha\in\Delta,\lambda\ge0}\|\sum\alpha_p g_p + \sum\lambda_i g_i\|^2`.
 
     Auxiliary gradients act only as constraints: they are never summed in where they do not conflict.
