@@ -144,13 +144,19 @@ def one(args: argparse.Namespace) -> None:
 
 def table(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
-    lines = ["| tag | run | lr | epochs | λ | pooling | dev Spearman ×100 | train seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| tag | run | train pairs | lr | epochs | λ | pooling | threads | STS-B dev Spearman ×100 "
+             "| train wall s | train CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lam = "-" if r["scale"] is None else f"{r['scale']:g}"
         secs = "-" if not r["seconds"] else f"{r['seconds']:.0f}"
-        lines.append(f"| {r['tag']} | {r['run']} | {r['lr']:g} | {r['epochs']} | {lam} | {r['pooling']} | "
-                     f"{r['spearman']:.2f} | {secs} |")
+        cpu = "-" if not r.get("cpu_seconds") else f"{r['cpu_seconds']:.0f}"
+        if r["run"] == "zero-shot":
+            lines.append(f"| {r['tag']} | zero-shot | - | - | 0 | - | {r['pooling']} | {r['threads']} "
+                         f"| {r['spearman']:.2f} | - | - |")
+            continue
+        lines.append(f"| {r['tag']} | {r['run']} | {r.get('train_pairs', 5749)} | {r['lr']:g} | {r['epochs']} | {lam} "
+                     f"| {r['pooling']} | {r['threads']} | {r['spearman']:.2f} | {secs} | {cpu} |")
     return "\n".join(lines)
 
 

@@ -191,17 +191,23 @@ class CoSENTEncoder(pl.LightningModule):
         self._metric(batch.get("task") or f"dataset{dataloader_idx}").update(cos, batch["labels"].float())
 
     def on_validation_epoch_end(self) -> None:
+        self._log_spearman("val")
+
+    def _log_spearman(self, prefix: str) -> None:
         values = {}
         for name, metric in self._spearman.items():
             if metric.update_count:
-                values[f"val/spearman/{name}"] = metric.compute().float()
+                values[f"{prefix}/spearman/{name}"] = metric.compute().float()
             metric.reset()
         if values:
-            values["val/spearman"] = torch.stack(list(values.values())).mean()
+            values[f"{prefix}/spearman"] = torch.stack(list(values.values())).mean()
             self.log_dict(values, prog_bar=True, add_dataloader_idx=False)
 
-    test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_spearman("test")
 
     # --- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
