@@ -70,8 +70,8 @@ def main() -> None:
                         default_root_dir=args.output_dir, log_every_n_steps=20)
     if not args.no_zero_shot:
         before = trainer.validate(model, data, verbose=False)[0]
-    trainer.fit(model, data)
-    after = trainer.validate(model, data, verbose=False)[0]
+    trainer.fit(model, data)  # validates at the end of every epoch
+    after = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for key in sorted(k for k in after if k.startswith("val/spearman/")):
         zero = "" if args.no_zero_shot else f"zero-shot {100 * before[key]:.2f} -> "
         print(f"{key}: {zero}trained {100 * after[key]:.2f}")
