@@ -217,7 +217,7 @@ def compose(args: argparse.Namespace, out: str) -> None:
     real = (real_images(args, "test")[:16] + 1) / 2
     save_png(make_grid(real, 8), workdir / "grid_real.png", 4)
     rows = []
-    for name in ("real", "a", "e_ddpm1000", "c250", "d", "b1"):
+    for name in ("real", "a", "e_ddpm1000", "c", "d", "b1"):
         path = workdir / f"grid_{name}.png"
         if path.is_file():
             img = Image.open(path)
