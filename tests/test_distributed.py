@@ -186,19 +186,10 @@ def test_plain_ddp_loop_every_weighting_both_modes(tmp_path):
 def test_fabric_example_under_fabric_run(tmp_path):
     """`fabric run --accelerator cpu --devices 2 examples/fabric_multitask.py` ends with identical parameters."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "lightning.fabric.cli",
-        "run",
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "2",
-        str(ROOT / "examples" / "fabric_multitask.py"),
-        "--steps",
-        "6",
-    ]
+    fabric = Path(sys.executable).with_name("fabric")  # the console script installed with lightning
+    assert fabric.exists(), f"no `fabric` command beside {sys.executable}"
+    example = str(ROOT / "examples" / "fabric_multitask.py")
+    cmd = [str(fabric), "run", "--accelerator", "cpu", "--devices", "2", example, "--steps", "6"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "identical parameters on all 2 ranks" in proc.stdout
