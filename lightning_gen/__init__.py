@@ -21,7 +21,12 @@ _EXPORTS = {
     "load_digits_images": "image_data",
     "read_idx": "image_data",
     "GAU": "gau",
+    "GAUStack": "gau",
     "GAULanguageModel": "lm",
+    "BitsPerCharacter": "lm",
+    "TextDataModule": "text_data",
+    "ByteTokenizer": "text_data",
+    "CharTokenizer": "text_data",
 }
 
 
