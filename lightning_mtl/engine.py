@@ -130,6 +130,7 @@ class GradientEngine:
         self.steps = 0
         self._jac: Tensor | None = None  # [K, P]; rows 0..K-2 accumulate captured task gradients (scaled)
         self._scale: Tensor | None = None  # S of the current accumulation cycle
+        self._unit_scale = False
         self._captured = 0  # micro-batches captured since the last apply
         self.bytes_all_reduced = 0  # for the scaling benchmark
 
@@ -209,6 +210,7 @@ class GradientEngine:
             self._jac = torch.zeros(k, numel, dtype=ref.dtype if params else torch.float32, device=ref.device)
         if self._captured == 0:
             self._scale = _as_tensor(grad_scale, record.total).clone()  # the scaler updates its tensor in place
+            self._unit_scale = isinstance(grad_scale, float) and grad_scale == 1.0  # known on the host: no rescale
         first = self._captured == 0
         captured = losses[:-1] if self.subtract_last else losses
         for i, loss in enumerate(captured):
@@ -274,7 +276,8 @@ class GradientEngine:
         n_captured = k - 1 if self.subtract_last else k
         head = jac[:n_captured]
         out_scale = _as_tensor(grads_scale, jac).to(jac.dtype)
-        head.mul_(out_scale / self._scale.to(jac.dtype))  # captured at the loss scale, now in the scale of .grad
+        if not (self._unit_scale and isinstance(grads_scale, float) and grads_scale == 1.0):
+            head.mul_(out_scale / self._scale.to(jac.dtype))  # captured at the loss scale, now in the scale of .grad
         if _world() > 1 and n_captured > 0:
             dist.all_reduce(head)
             head.div_(_world())
@@ -282,7 +285,9 @@ class GradientEngine:
         if self.subtract_last:
             last = jac[k - 1]
             _flatten([p.grad for p in params], params, out=last)
-            if k > 1:
+            if k == 2:
+                last.sub_(head[0])  # no temporary for the common two-task case
+            elif k > 2:
                 last.sub_(head.sum(0))
         gram = (jac @ jac.mT).double() / out_scale.double().square()
         w = self._weigh(gram)
