@@ -5,6 +5,7 @@ Return ``task_losses(self, {...})`` from ``training_step`` and add
 """
 
 from lightning_mtl.engine import GradientEngine
+from lightning_mtl.losses import NLI_LABELS, cosent_loss
 from lightning_mtl.scalarize import (
     GeneralizedMean,
     InitialLossNormalization,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MGDA",
+    "NLI_LABELS",
     "GeneralizedMean",
     "GradNormalize",
     "GradientEngine",
@@ -43,6 +45,7 @@ __all__ = [
     "UncertaintyWeighting",
     "Weighting",
     "as_weighting",
+    "cosent_loss",
     "min_norm_weights",
     "task_losses",
 ]

@@ -300,7 +300,7 @@ def plot(results: list[Result], path: Path) -> None:
         ax.set_ylim(max(0, lo - 10), 100)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(problem)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
