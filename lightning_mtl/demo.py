@@ -61,7 +61,23 @@ def overlap_pairs(x: Tensor, y: Tensor, n: int, seed: int, shift: int = 4) -> tu
     return canvas.flatten(1), torch.stack([y[i], y[j]], dim=1)
 
 
-class OverlapDigits(L.LightningDataModule):
+class _DigitsData(L.LightningDataModule):
+    """Shared loaders: seeded shuffled training batches, the whole test set for validation and test."""
+
+    train_set: Dataset
+    test_set: Dataset
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=512)
+
+    test_dataloader = val_dataloader
+
+
+class OverlapDigits(_DigitsData):
     """Two overlapping digits per image; batches are ``(x, y)`` with ``y[:, 0]`` left and ``y[:, 1]`` right labels."""
 
     tasks = ("left", "right")
@@ -76,15 +92,6 @@ class OverlapDigits(L.LightningDataModule):
         xtr, ytr, xte, yte = _digits(hp.seed)
         self.train_set = TensorDataset(*overlap_pairs(xtr, ytr, hp.n_train, hp.seed + 1))
         self.test_set = TensorDataset(*overlap_pairs(xte, yte, hp.n_test, hp.seed + 2))
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=512)
-
-    test_dataloader = val_dataloader
 
 
 class _NoisyPairs(Dataset):
@@ -101,7 +108,7 @@ class _NoisyPairs(Dataset):
         return {"noisy": (self.x[i], self.y[i]), "clean": (self.xc[c], self.yc[c])}
 
 
-class NoisyDigits(L.LightningDataModule):
+class NoisyDigits(_DigitsData):
     """Digits with a fraction ``noise`` of the training labels replaced at random, plus ``n_clean`` clean samples.
 
     Batches are ``{"noisy": (x, y), "clean": (x, y)}``; the test set has clean labels.
@@ -127,15 +134,6 @@ class NoisyDigits(L.LightningDataModule):
         y_noisy[flip] = torch.randint(10, (int(flip.sum()),), generator=g)
         self.train_set = _NoisyPairs(xtr[rest].flatten(1), y_noisy, xtr[clean].flatten(1), ytr[clean])
         self.test_set = TensorDataset(xte.flatten(1), yte)
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=512)
-
-    test_dataloader = val_dataloader
 
 
 class DigitsMultiTask(L.LightningModule):
