@@ -30,8 +30,8 @@ Task-specific parameters (heads) always keep their own task's gradient.
 **Scaling (AMP).** ``capture`` differentiates :math:`\mathcal L_k \cdot S/N` exactly as the loop's backward does,
 so fp16 gradients are as well protected from underflow as the loop's own; the Gramian is divided by the scale
 before any weighting sees it, so every weighting (scale-invariant or not) sees true gradients, and the result is
-written back in the scale the loop expects. A non-finite Gramian makes the weighting fall back to equal weights;
-the non-finite values still reach ``.grad``, so a GradScaler skips the step as it would without us.
+written back in the scale the loop expects. A non-finite Gramian makes the weighting fall back to equal weights and,
+in parameter mode, leaves ``.grad`` as the backward made it, so a GradScaler skips the step as it would without us.
 
 **Gradient accumulation (N micro-batches per step).** Parameter mode accumulates the task gradients over the
 micro-batches and weights once per optimiser step: the update is the weighting of the task gradients of the whole
