@@ -161,10 +161,9 @@ def table(results: Path) -> str:
 
 
 def write_table(results: Path, target: Path) -> None:
-    text = target.read_text(encoding="utf-8") if target.exists() else f"# CoSENT benchmark\n\n{BEGIN}\n{END}\n"
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    target.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}", encoding="utf-8")
+    from lightning_mtl.reporting import write_block  # here: torch is imported after the thread settings
+
+    write_block(target, BEGIN, END, table(results), default="# CoSENT benchmark\n")
 
 
 def main() -> None:

@@ -93,14 +93,9 @@ def _table_aux(results: list[dict]) -> str:
 
 
 def _replace(md: Path, key: str, text: str) -> None:
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    body = md.read_text() if md.exists() else ""
-    block = f"{begin}\n{text}\n{end}"
-    if begin in body and end in body:
-        body = body[: body.index(begin)] + block + body[body.index(end) + len(end):]
-    else:
-        body = body + ("\n" if body else "") + block + "\n"
-    md.write_text(body)
+    from lightning_mtl.reporting import write_block  # here: the workers set torch's threads before importing it
+
+    write_block(md, f"<!-- {key}:begin -->", f"<!-- {key}:end -->", text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from torch import nn
 
 import lightning_mtl as mtl
 from lightning_mtl.engine import GradientEngine
+from lightning_mtl.reporting import write_block
 from lightning_mtl.tasks import TaskLosses
 
 README = Path(__file__).with_name("README.md")
@@ -234,13 +234,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     if not args.no_write:
-        text = README.read_text() if README.exists() else "# Benchmarks\n"
-        block = f"<!-- BEGIN mtl_overhead -->\n{table}\n<!-- END mtl_overhead -->"
-        if "<!-- BEGIN mtl_overhead -->" in text:
-            text = re.sub(r"<!-- BEGIN mtl_overhead -->.*?<!-- END mtl_overhead -->", lambda _: block, text, flags=re.S)
-        else:
-            text += "\n" + block + "\n"
-        README.write_text(text)
+        write_block(README, "<!-- BEGIN mtl_overhead -->", "<!-- END mtl_overhead -->", table, default="# Benchmarks\n")
         print(f"wrote {README}")
 
 

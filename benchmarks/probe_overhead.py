@@ -16,8 +16,6 @@ Run (about 2-3 minutes on 2 shared CPU cores)::
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe
+from lightning_mtl.reporting import write_block
 
 WARMUP = 10
 
@@ -133,15 +132,7 @@ def chunk(config: str, args: argparse.Namespace, loader: DataLoader) -> tuple[fl
 
 
 def update_markdown(path: str, text: str, command: str) -> None:
-    start, end = "<!-- probe_overhead:start -->", "<!-- probe_overhead:end -->"
-    block = f"{start}\nCommand: `{command}`\n\n{text}\n{end}"
-    old = open(path).read() if os.path.exists(path) else ""
-    if start in old and end in old:
-        new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, old, flags=re.S)
-    else:
-        new = old + ("\n" if old else "") + block + "\n"
-    with open(path, "w") as f:
-        f.write(new)
+    write_block(path, "<!-- probe_overhead:start -->", "<!-- probe_overhead:end -->", f"Command: `{command}`\n\n{text}")
 
 
 def main() -> None:

@@ -17,8 +17,9 @@ P_shared fp32 task Jacobian.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from lightning_mtl.reporting import write_block
 
 MD = Path(__file__).with_name("scaling.md")
 
@@ -79,11 +80,9 @@ def tables() -> str:
 
 
 def main() -> None:
-    block = "<!-- BEGIN model -->\n" + tables() + "<!-- END model -->"
-    text = MD.read_text()
-    text = re.sub(r"<!-- BEGIN model -->.*?<!-- END model -->", lambda _: block, text, flags=re.S)
-    MD.write_text(text)
-    print(block)
+    text = tables().rstrip("\n")
+    write_block(MD, "<!-- BEGIN model -->", "<!-- END model -->", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import time
 
 import lightning.pytorch as pl
@@ -48,6 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe
+from lightning_mtl.reporting import write_block
 
 VARIANTS = ("plain", "res", "res_scaled", "postln", "deepnorm")
 
@@ -210,15 +210,7 @@ def plot(results: dict[tuple[str, int], dict[str, float]], path: str) -> None:
 
 
 def update_markdown(path: str, text: str, command: str) -> None:
-    start, end = "<!-- deepnet_probe:start -->", "<!-- deepnet_probe:end -->"
-    block = f"{start}\nCommand: `{command}`\n\n{text}\n{end}"
-    old = open(path).read() if os.path.exists(path) else ""
-    if start in old and end in old:
-        new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, old, flags=re.S)
-    else:
-        new = old + ("\n" if old else "") + block + "\n"
-    with open(path, "w") as f:
-        f.write(new)
+    write_block(path, "<!-- deepnet_probe:start -->", "<!-- deepnet_probe:end -->", f"Command: `{command}`\n\n{text}")
 
 
 def main() -> None:
