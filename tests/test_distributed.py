@@ -47,9 +47,7 @@ class InOrder(L.LightningDataModule):
 
     def __init__(self, ds, batch_size: int) -> None:
         super().__init__()
-        # fresh storage: tensors handed to an earlier spawn live in shared memory that a later spawn cannot reopen
-        self.ds = type(ds)(*(t.clone() for t in ds.tensors))
-        self.batch_size = batch_size
+        self.ds, self.batch_size = ds, batch_size
 
     def train_dataloader(self):
         world, rank = self.trainer.world_size, self.trainer.global_rank
