@@ -42,6 +42,18 @@ own Gramian (the hook acts inside each backward); the update is the mean of the 
 with the loop's already averaged ``.grad``, every rank holds the same global task gradients, Gramian and weights.
 Representation mode all-reduces the K×K Gramian (summed over ranks, then divided by the world size squared: the
 exact Gramian of the global mean losses) unless ``rank_local=True``.
+
+**Sharded parameters (FSDP2, ``fully_shard``).** FSDP2 frees its gathered parameters after the forward and
+re-gathers them inside the backward, so ``torch.autograd.grad`` cannot ask for them; and only a real backward
+reduce-scatters a gradient into the shards. Parameter mode therefore captures each task gradient with a
+``backward(retain_graph=True)`` of that task's loss, reads the reduce-scattered (rank-averaged) shard of every shared
+parameter, and puts the ``.grad`` tensors of the micro-batches before back. Each rank holds its shard of every
+global task gradient; the Gramian is the sum over ranks of the shard Gramians (one K×K all-reduce), so every rank
+gets the same weights and writes :math:`\sum_k w_k g_k` into its own shard. Each extra backward re-gathers the
+shared parameters and reduce-scatters one more gradient: (K-1)·P through the network per micro-batch, the same ring
+bytes as the DDP path (measured in ``benchmarks/scaling.md``), and K·P/W task-gradient elements per rank in memory.
+FSDP2 must synchronise gradients at every micro-batch (no ``set_requires_gradient_sync(False)``), which Lightning's
+``ModelParallelStrategy`` does.
 """
 
 from __future__ import annotations
@@ -132,6 +144,8 @@ class GradientEngine:
         self._scale: Tensor | None = None  # S of the current accumulation cycle
         self._unit_scale = False
         self._captured = 0  # micro-batches captured since the last apply
+        self._sharded = False  # shared parameters are FSDP2 shards: capture by backward, all-reduce the Gramian
+        self._module: nn.Module | None = None
         self.bytes_all_reduced = 0  # for the scaling benchmark
 
     def reset(self) -> None:
@@ -141,6 +155,8 @@ class GradientEngine:
         self._jac = None
         self._scale = None
         self._captured = 0
+        self._sharded = False
+        self._module = None
 
     # ----------------------------------------------------------------------------------------------------------
     def _bind(self, record: TaskLosses, module: nn.Module | None) -> None:
@@ -158,24 +174,38 @@ class GradientEngine:
             self.shared_params = self._detect_shared(record, module)
 
     def _detect_shared(self, record: TaskLosses, module: nn.Module | None) -> list[nn.Parameter]:
-        counts: dict[int, int] = {}
-        for loss in record.losses.values():
-            for pid in reached_parameters(loss):
-                counts[pid] = counts.get(pid, 0) + 1
         if module is None:
             raise ValueError("Parameter mode needs the module whose parameters the task losses reach.")
+        sharded = _fsdp_sharded_params(module)  # the graph holds FSDP2's gathered copies: count their shards
+        counts: dict[int, int] = {}
+        for loss in record.losses.values():
+            for pid in {id(sharded[q]) if q in sharded else q for q in reached_parameters(loss)}:
+                counts[pid] = counts.get(pid, 0) + 1
         if len(record.losses) == 1:
             warnings.warn(
                 "Only one task loss was given: there is nothing to weight, the gradient is left as it is.",
                 UserWarning,
                 stacklevel=3,
             )
-        shared = [p for p in module.parameters() if p.requires_grad and counts.get(id(p), 0) > 1]
+        candidates = {id(p): p for p in (sharded.get(id(q), q) for q in module.parameters())}  # ordered, unique
+        shared = [p for p in candidates.values() if p.requires_grad and counts.get(id(p), 0) > 1]
         if not shared and len(record.losses) > 1:
             raise ValueError(
                 "No parameter is reached by more than one task loss, so there is nothing to combine. "
                 "Check that the task heads read a shared trunk."
             )
+        n_sharded = sum(id(p) in sharded for p in shared)
+        if 0 < n_sharded < len(shared):
+            plain = {id(p) for p in shared if id(p) not in sharded}
+            names = [n for n, p in module.named_parameters() if id(p) in plain]
+            raise ValueError(
+                f"Some shared parameters are sharded by FSDP2 and some are not ({names[:5]} are not): nothing would "
+                "reduce the gradients of the plain ones across ranks. Apply fully_shard to the root module as well."
+            )
+        self._sharded = n_sharded > 0
+        if self._sharded:
+            _check_fsdp_sharding(shared, module)
+        self._module = module
         return shared
 
     # ----------------------------------------------------------------------------------------------------------
@@ -213,12 +243,38 @@ class GradientEngine:
             self._unit_scale = isinstance(grad_scale, float) and grad_scale == 1.0  # known on the host: no rescale
         first = self._captured == 0
         captured = losses[:-1] if self.subtract_last else losses
+        if self._sharded:
+            self._capture_sharded(captured, factor, first)
+            return
         for i, loss in enumerate(captured):
             grads = torch.autograd.grad(_scaled(loss, factor), params, retain_graph=True, allow_unused=True)
             if first:
                 _flatten(grads, params, out=self._jac[i])  # written in place: no temporary of size P
             else:
                 self._jac[i].add_(_flatten(grads, params))
+
+    def _capture_sharded(self, losses: Sequence[Tensor], factor: Tensor, first: bool) -> None:
+        """FSDP2: one ``backward(retain_graph=True)`` per task, reading the reduce-scattered shards; the ``.grad``
+        of earlier micro-batches is set aside meanwhile and put back, so the loop's backward accumulates as usual."""
+        module, params, jac = self._module, self.shared_params, self._jac
+        assert module is not None and params is not None and jac is not None
+        _check_fsdp_reduces(module)
+        sharded = _fsdp_sharded_params(module)
+        every = list({id(p): p for p in [*module.parameters(), *sharded.values()]}.values())
+        kept = [p.grad for p in every]
+        try:
+            for i, loss in enumerate(losses):
+                for p in every:
+                    p.grad = None
+                _scaled(loss, factor).backward(retain_graph=True)
+                grads = [p.grad for p in params]
+                if first:
+                    _flatten(grads, params, out=jac[i])
+                else:
+                    jac[i].add_(_flatten(grads, params))
+        finally:
+            for p, g in zip(every, kept, strict=True):
+                p.grad = g
 
     def _capture_representation(self, record: TaskLosses, factor: Tensor) -> None:
         z = record.shared
@@ -278,7 +334,7 @@ class GradientEngine:
         out_scale = _as_tensor(grads_scale, jac).to(jac.dtype)
         if not (self._unit_scale and isinstance(grads_scale, float) and grads_scale == 1.0):
             head.mul_(out_scale / self._scale.to(jac.dtype))  # captured at the loss scale, now in the scale of .grad
-        if _world() > 1 and n_captured > 0:
+        if _world() > 1 and n_captured > 0 and not self._sharded:  # FSDP2's reduce-scatter already averaged them
             dist.all_reduce(head)
             head.div_(_world())
             self.bytes_all_reduced += head.numel() * head.element_size()
@@ -289,7 +345,11 @@ class GradientEngine:
                 last.sub_(head[0])  # no temporary for the common two-task case
             elif k > 2:
                 last.sub_(head.sum(0))
-        gram = (jac @ jac.mT).double() / out_scale.double().square()
+        gram = jac @ jac.mT
+        if self._sharded and _world() > 1:
+            dist.all_reduce(gram)  # the sum of the shard Gramians is the Gramian of the full task gradients
+            self.bytes_all_reduced += gram.numel() * gram.element_size()
+        gram = gram.double() / out_scale.double().square()
         w = self._weigh(gram)
         # a non-finite Gramian (an inf/NaN task gradient under fp16): leave .grad as the backward made it (weights 1),
         # so that what the GradScaler checked and what the optimizer would see agree
@@ -346,6 +406,64 @@ def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def _fsdp_sharded_params(module: nn.Module) -> dict[int, nn.Parameter]:
+    """FSDP2: ``id`` of each managed parameter's gathered copy (what autograd sees) and of its shard (what the module
+    and the optimizer hold after the backward) → the shard. Empty for a module without ``fully_shard``."""
+    out: dict[int, nn.Parameter] = {}
+    for group in _fsdp_groups(module):
+        for fp in group.fsdp_params:
+            out[id(fp.sharded_param)] = fp.sharded_param
+            if hasattr(fp, "_unsharded_param"):  # exists from the first all-gather on
+                out[id(fp._unsharded_param)] = fp.sharded_param
+    return out
+
+
+def _fsdp_groups(module: nn.Module) -> list[Any]:
+    """The FSDP2 parameter groups under ``module`` (private torch API, read only)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return []
+    groups: list[Any] = []
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            state = m._get_fsdp_state()
+            found = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.11; before: one group per state
+            groups.extend(found if found is not None else [g for g in [state._fsdp_param_group] if g is not None])
+    return groups
+
+
+def _check_fsdp_reduces(module: nn.Module) -> None:
+    if not all(getattr(g, "reduce_grads", True) for g in _fsdp_groups(module)):
+        raise RuntimeError(
+            "Parameter mode under FSDP2 reads each task's gradient from FSDP2's reduce-scatter, but gradient sync is "
+            "off for this micro-batch (set_requires_gradient_sync(False), or Fabric's no_backward_sync). Keep "
+            "gradient sync on for every micro-batch, or use mode='representation'."
+        )
+
+
+def _check_fsdp_sharding(params: Sequence[nn.Parameter], module: nn.Module) -> None:
+    """The shard Gramians sum to the full Gramian when every element lives on exactly one rank of a mesh spanning
+    all processes: pure ``Shard`` placements (FSDP2 alone or with tensor parallelism), no replicated mesh dims."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    for p in params:
+        if not isinstance(p, DTensor):
+            continue
+        if any(isinstance(pl, Replicate) for pl in p.placements):
+            raise ValueError(
+                f"A shared parameter of {type(module).__name__} is replicated along a mesh dimension "
+                f"({p.placements}; HSDP or a replicated tensor-parallel weight): parameter mode sums shard Gramians "
+                "over all ranks and would count it several times. Use a mesh that only shards, or "
+                "mode='representation'."
+            )
+        if p.device_mesh.size() != _world():
+            raise ValueError(
+                f"Parameter mode under FSDP2 needs the shared parameters' device mesh to span all {_world()} "
+                f"processes (it spans {p.device_mesh.size()}). Use mode='representation'."
+            )
 
 
 def _write_grads(flat: Tensor, params: Iterable[nn.Parameter]) -> None:

@@ -193,31 +193,53 @@ def test_fabric_example_under_fabric_run(tmp_path):
     assert "identical parameters on all 2 ranks" in proc.stdout
 
 
-def test_fsdp2_representation_mode_equals_one_process(tmp_path):
-    """ModelParallelStrategy (FSDP2, fully_shard) on 2 processes, representation mode: the same parameters as one
-    process on the concatenated batch (and so as the DDP run above). Run as a script: the strategy re-launches it."""
+FSDP2_CONFIGS = [f"parameter:{name}:1" for name in WEIGHTINGS] + ["parameter:MGDA:2", "representation:MGDA:1"]
+
+
+def test_fsdp2_equals_one_process(tmp_path):
+    """ModelParallelStrategy (FSDP2, fully_shard) on 2 processes: every weighting in parameter mode, parameter mode
+    with accumulate_grad_batches=2, and representation mode give the same parameters on both ranks, equal to one
+    process on the concatenated batch (so to the DDP runs above); with FSDP2's gradient sync off, parameter mode
+    stops with a message. Run as a script: the strategy re-launches it."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    script = ROOT / "tests" / "scripts" / "fsdp2_representation.py"
+    script = ROOT / "tests" / "scripts" / "fsdp2_fit.py"
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+        [sys.executable, str(script), str(tmp_path), *FSDP2_CONFIGS, "parameter:MGDA:nosync"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = torch.load(tmp_path / "fsdp0.pt"), torch.load(tmp_path / "fsdp1.pt")
     ds = make_data(n=80)
-    torch.manual_seed(0)
-    single = TwoHeads()
-    trainer(max_epochs=1, callbacks=[MultiTaskGradient(mtl.MGDA(), mode="representation")]).fit(single, loader(ds, 16))
-    for a, b, c in zip(r0, r1, single.parameters()):
-        assert torch.equal(a, b)
-        torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)
+    for config in FSDP2_CONFIGS:
+        mode, name, accumulate = config.split(":")
+        stem = config.replace(":", "_")
+        r0, r1 = torch.load(tmp_path / f"{stem}.rank0.pt"), torch.load(tmp_path / f"{stem}.rank1.pt")
+        torch.manual_seed(0)
+        single = TwoHeads()
+        initial = [p.detach().clone() for p in single.parameters()]
+        callback = MultiTaskGradient(WEIGHTINGS[name](), mode=mode)
+        trainer(max_epochs=1, accumulate_grad_batches=int(accumulate), callbacks=[callback]).fit(single, loader(ds, 16))
+        for a, b, c in zip(r0, r1, single.parameters()):
+            assert torch.equal(a, b), f"{config}: ranks diverged"
+            torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6, msg=config)
+        assert not torch.equal(r0[0], initial[0]), f"{config}: did not train"
+    for rank in (0, 1):
+        assert "gradient sync is off" in (tmp_path / f"nosync.rank{rank}.txt").read_text()
 
 
-def test_fsdp2_parameter_mode_is_refused_with_a_message():
-    from lightning.pytorch.strategies import ModelParallelStrategy
+def test_fsdp1_and_deepspeed_are_refused_with_a_message():
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_mtl.callbacks.multitask import _check_strategy
 
-    with pytest.raises(MisconfigurationException, match="mode='representation'"):
-        _check_strategy(ModelParallelStrategy(), "parameter")
-    _check_strategy(ModelParallelStrategy(), "representation")
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # its __init__ needs the deepspeed package
+    for mode in ("parameter", "representation"):
+        _check_strategy(ModelParallelStrategy(), mode)
+        with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
+            _check_strategy(FSDPStrategy(), mode)
+        with pytest.raises(MisconfigurationException, match="DeepSpeed runs its own backward"):
+            _check_strategy(deepspeed, mode)

@@ -42,6 +42,10 @@ class MultiTaskGradient(Callback):
     (heads) keep their own task's gradient. Gradient clipping, the GradScaler and the optimiser then act on the
     rewritten gradient as usual.
 
+    Strategies: a single device, DDP (``"ddp"``, ``"ddp_spawn"``) and FSDP2 (``ModelParallelStrategy`` with
+    ``fully_shard``), in both modes; every rank computes the same weights from the global task gradients.
+    ``strategy="fsdp"`` (FSDP1) and DeepSpeed are refused at setup.
+
     Args:
         weighting: how to weight the tasks: :class:`~lightning_mtl.Mean`, :class:`~lightning_mtl.Sum`,
             :class:`~lightning_mtl.GradNormalize`, :class:`~lightning_mtl.MGDA`,
@@ -215,31 +219,22 @@ def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
 
 
 def _check_strategy(strategy: Strategy, mode: str) -> None:
-    """Single device and DDP: both modes. FSDP2 (ModelParallelStrategy): representation mode. Others: refused."""
+    """Single device, DDP and FSDP2 (ModelParallelStrategy with ``fully_shard``): both modes. Others: refused."""
     name = type(strategy).__name__
-    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        return
-    if isinstance(strategy, ModelParallelStrategy):
-        if mode == "representation":
-            return
-        raise MisconfigurationException(
-            "MultiTaskGradient(mode='parameter') is not supported with ModelParallelStrategy (FSDP2) yet: the "
-            "per-task gradients would have to be reduce-scattered into the parameter shards. Use "
-            "mode='representation' (its K×K Gramian is all-reduced, FSDP2 handles the parameters), or DDP."
-        )
-    if isinstance(strategy, FSDPStrategy):
-        raise MisconfigurationException(
-            "MultiTaskGradient does not support strategy='fsdp' (FSDP1): its flat-parameter gradient shards are "
-            "not reachable per task. Use ModelParallelStrategy (FSDP2, `fully_shard`) with mode='representation', "
-            "or DDP."
-        )
-    if isinstance(strategy, DeepSpeedStrategy):
+    if isinstance(strategy, DeepSpeedStrategy):  # a DDPStrategy subclass: checked first
         raise MisconfigurationException(
             "MultiTaskGradient does not support DeepSpeed: DeepSpeed runs its own backward and gradient partitioning "
             "(ZeRO), so the per-task gradients and the rewritten .grad never meet. Supported: a single device, "
-            "DDP (both modes), and ModelParallelStrategy / FSDP2 (mode='representation')."
+            "DDP, and ModelParallelStrategy / FSDP2 (both modes)."
+        )
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
+        return
+    if isinstance(strategy, FSDPStrategy):
+        raise MisconfigurationException(
+            "MultiTaskGradient does not support strategy='fsdp' (FSDP1): its flat-parameter gradient shards are "
+            "not reachable per task. Use ModelParallelStrategy with `fully_shard` (FSDP2; both modes), or DDP."
         )
     raise MisconfigurationException(
-        f"MultiTaskGradient does not support {name}. Supported: a single device, DDP (both modes), and "
-        "ModelParallelStrategy / FSDP2 (mode='representation')."
+        f"MultiTaskGradient does not support {name}. Supported: a single device, DDP, and "
+        "ModelParallelStrategy / FSDP2 (both modes)."
     )
