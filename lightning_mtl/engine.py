@@ -53,7 +53,9 @@ gets the same weights and writes :math:`\sum_k w_k g_k` into its own shard. Each
 shared parameters and reduce-scatters one more gradient: (K-1)·P through the network per micro-batch, the same ring
 bytes as the DDP path (measured in ``benchmarks/scaling.md``), and K·P/W task-gradient elements per rank in memory.
 FSDP2 must synchronise gradients at every micro-batch (no ``set_requires_gradient_sync(False)``), which Lightning's
-``ModelParallelStrategy`` does.
+``ModelParallelStrategy`` does. With a low-precision ``MixedPrecisionPolicy(param_dtype=...)`` the task gradients are
+computed in that dtype, so the subtracted last task carries its rounding error relative to the total gradient (as
+under fp16): put the dominant loss last, or set ``subtract_last=False``.
 """
 
 from __future__ import annotations
@@ -202,11 +204,22 @@ class GradientEngine:
                 f"Some shared parameters are sharded by FSDP2 and some are not ({names[:5]} are not): nothing would "
                 "reduce the gradients of the plain ones across ranks. Apply fully_shard to the root module as well."
             )
+        if n_sharded == 0 and any(_is_dtensor(p) for p in shared):
+            raise ValueError(
+                "The shared parameters are DTensors that FSDP2 does not manage (tensor parallelism without "
+                "fully_shard): each rank holds a different slice, which parameter mode cannot combine. Apply "
+                "fully_shard over them as well, or use mode='representation'."
+            )
         self._sharded = n_sharded > 0
         if self._sharded:
             _check_fsdp_sharding(shared, module)
         self._module = module
         return shared
+
+    @property
+    def sharded(self) -> bool:
+        """Parameter mode found FSDP2-sharded shared parameters (known after the first capture)."""
+        return self._sharded
 
     # ----------------------------------------------------------------------------------------------------------
     def capture(
@@ -400,6 +413,10 @@ def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tens
     if not parts:
         return torch.zeros(0) if out is None else out.zero_()
     return torch.cat(parts) if out is None else torch.cat(parts, out=out)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return callable(getattr(t, "to_local", None))
 
 
 def _local(t: Tensor) -> Tensor:

@@ -146,6 +146,13 @@ class MultiTaskGradient(Callback):
         if self.validate:
             self._validate(record.losses, record.total, loss, scale, accumulation, scaler is not None)
         self.engine.capture(record, pl_module, grad_scale=scale, accumulation=accumulation)
+        if self.engine.mode == "parameter" and isinstance(trainer.strategy, ModelParallelStrategy):
+            if not self.engine.sharded:
+                raise MisconfigurationException(
+                    "MultiTaskGradient(mode='parameter') with ModelParallelStrategy needs the shared parameters "
+                    "sharded by FSDP2 (`fully_shard` in configure_model): without it nothing reduces their gradients "
+                    "across ranks. Apply fully_shard, or use mode='representation'."
+                )
 
     def _validate(
         self,

@@ -1,10 +1,12 @@
 """Run by tests/test_distributed.py in a subprocess: ModelParallelStrategy (FSDP2, fully_shard) on 2 CPU processes
 with MultiTaskGradient, one fit per configuration given on the command line; each rank saves its full parameters to
-OUT/{name}.rank{rank}.pt.
+OUT/{config}.rank{rank}.pt.
 
-A configuration is ``mode:weighting:accumulate`` (e.g. ``parameter:MGDA:1``); ``nosync`` for accumulate turns FSDP2's
-gradient sync off and saves the error parameter mode raises to OUT/nosync.rank{rank}.txt instead.
-ModelParallelStrategy launches by re-running this script, which is why it is a script and not a test function.
+A configuration is ``mode:weighting:accumulate:K:variant`` (e.g. ``parameter:MGDA:1:2:``). K = 3 uses a hidden width
+of 7, so the shards are uneven (4 and 3 rows). Variants: ``exact`` (``subtract_last=False``); ``nosync`` (FSDP2's
+gradient sync turned off) and ``unsharded`` (no ``fully_shard``) save the error that parameter mode raises to
+OUT/{config}.rank{rank}.txt instead. ModelParallelStrategy launches by re-running this script, which is why it is a
+script and not a test function.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ from tests.test_distributed import WEIGHTINGS, InOrder
 
 
 class Sharded(TwoHeads):
+    shard = True
+
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        if not self.shard:
+            return
         mesh = self.device_mesh["data_parallel"]
         for layer in self.trunk:
             if isinstance(layer, torch.nn.Linear):
@@ -40,28 +46,30 @@ class NoSync(L.Callback):
 
 
 def fit(out: str, config: str) -> None:
-    mode, name, accumulate = config.split(":")
-    nosync = accumulate == "nosync"
-    ds = make_data(n=80)
+    mode, name, accumulate, k, variant = config.split(":")
+    ds = make_data(n=80, k=int(k))
     torch.manual_seed(0)
-    model = Sharded()
+    model = Sharded(k=int(k), hidden=7 if int(k) == 3 else 8)
+    model.shard = variant != "unsharded"
+    callback = MultiTaskGradient(WEIGHTINGS[name](), mode=mode, subtract_last=variant != "exact")
     t = trainer(
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         devices=2,
         max_epochs=1,
         use_distributed_sampler=False,
-        accumulate_grad_batches=1 if nosync else int(accumulate),
-        callbacks=[MultiTaskGradient(WEIGHTINGS[name](), mode=mode), *([NoSync()] if nosync else [])],
+        accumulate_grad_batches=int(accumulate),
+        callbacks=[callback, *([NoSync()] if variant == "nosync" else [])],
     )
-    if nosync:
+    stem = f"{out}/{config.replace(':', '_')}.rank{t.global_rank}"
+    if variant in ("nosync", "unsharded"):
         try:
             t.fit(model, InOrder(ds, 8))
-        except RuntimeError as err:
-            Path(f"{out}/nosync.rank{t.global_rank}.txt").write_text(str(err))
+        except Exception as err:  # the test reads the message
+            Path(f"{stem}.txt").write_text(f"{type(err).__name__}: {err}")
         return
     t.fit(model, InOrder(ds, 8))
-    full = [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
-    torch.save(full, f"{out}/{config.replace(':', '_')}.rank{t.global_rank}.pt")
+    torch.save([p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()],
+               f"{stem}.pt")
 
 
 if __name__ == "__main__":
