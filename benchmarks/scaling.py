@@ -37,6 +37,23 @@ def _count_hook(state, bucket):  # no annotations: DDP checks them literally
     return fut.then(lambda f: f.value()[0])
 
 
+def _train(net: nn.Module, module: nn.Module, engine: GradientEngine | None, k: int, steps: int) -> None:
+    """``steps`` SGD steps on random data through ``net`` (the DDP wrapper or the module); ``engine=None``: plain."""
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = torch.randn(32, 784)
+        y = torch.randint(0, 10, (32, k))
+        z, outs = net(x)
+        losses = {f"t{i}": F.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)}
+        opt.zero_grad()
+        if engine is None:
+            sum(losses.values()).backward()
+        else:
+            engine.backward(losses, module=module, shared=z)
+            engine.apply()
+        opt.step()
+
+
 def _worker(rank: int, world: int, port: int, out: str, tasks: list[int], steps: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -50,16 +67,7 @@ def _worker(rank: int, world: int, port: int, out: str, tasks: list[int], steps:
             state = {"bytes": 0}
             ddp.register_comm_hook(state, _count_hook)
             engine = GradientEngine(mtl.MGDA(), mode, rank_local=rank_local)
-            opt = torch.optim.SGD(module.parameters(), lr=1e-3)
-            for _ in range(steps):
-                x = torch.randn(32, 784)
-                y = torch.randint(0, 10, (32, k))
-                z, outs = ddp(x)
-                losses = {f"t{i}": F.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)}
-                opt.zero_grad()
-                engine.backward(losses, module=module, shared=z)
-                engine.apply()
-                opt.step()
+            _train(ddp, module, engine, k, steps)
             shared = sum(p.numel() for p in module.trunk.parameters())
             total = sum(p.numel() for p in module.parameters())
             name = mode + (" (rank-local)" if rank_local else "")
@@ -104,20 +112,8 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str, tasks: list[int], 
                     fully_shard(layer, mesh=mesh)
             fully_shard(module, mesh=mesh)
             engine = None if mode == "plain" else GradientEngine(mtl.MGDA(), mode)
-            opt = torch.optim.SGD(module.parameters(), lr=1e-3)
             counts.update(all_gather=0, reduce_scatter=0)
-            for _ in range(steps):
-                x = torch.randn(32, 784)
-                y = torch.randint(0, 10, (32, k))
-                z, outs = module(x)
-                losses = {f"t{i}": F.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)}
-                opt.zero_grad()
-                if engine is None:
-                    sum(losses.values()).backward()
-                else:
-                    engine.backward(losses, module=module, shared=z)
-                    engine.apply()
-                opt.step()
+            _train(module, module, engine, k, steps)
             ours = 0 if engine is None else engine.bytes_all_reduced
             rows.append((world, k, mode, counts["all_gather"] / steps, counts["reduce_scatter"] / steps, ours / steps))
     if rank == 0:
