@@ -228,7 +228,8 @@ def one(args: argparse.Namespace) -> None:
               "pooling": args.pooling if name in ("ours", "zero-shot") else "mean", "batch_size": args.batch_size,
               "max_length": args.max_length, "train_pairs": args.train_pairs or 5749,
               "dev_pairs": args.dev_pairs or 1500, "seed": args.seed, "threads": args.threads, "tag": args.tag,
-              "order": args.order if name.startswith("ours") else "st", "dropout": None if args.dropout < 0 else args.dropout,
+              "order": args.order if name.startswith("ours") else "st",
+              "dropout": None if args.dropout < 0 else args.dropout,
               **EXTRA,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node()}
     print(json.dumps(record), flush=True)
