@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics.regression import SpearmanCorrCoef
 
+from lightning_mtl._dtensor import is_dtensor
 from lightning_mtl.losses import cosent_loss, pairwise_cosine
 from lightning_mtl.sentence_data import DataFormatError, SentencePairs, collate_pairs, load_pairs
 from lightning_mtl.tasks import task_losses
@@ -222,7 +223,7 @@ class CoSENTEncoder(pl.LightningModule):
         # fused AdamW (as the HF Trainer's default): one kernel instead of ~10 per tensor; 80 ms less per MiniLM step
         # on 2 CPU cores. Not for DTensor (FSDP2 / tensor parallel) parameters.
         params = decay + no_decay
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not _is_dtensor(p) for p in params)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p in params)
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, fused=fused or None)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = math.ceil(total * self.hparams.warmup_ratio)  # as the HF Trainer's get_warmup_steps
@@ -269,10 +270,6 @@ class CoSENTEncoder(pl.LightningModule):
         _write_json(out / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
         _write_json(out / "config_sentence_transformers.json", {"similarity_fn_name": "cosine"})
         return out
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return callable(getattr(t, "to_local", None))
 
 
 def _linear_warmup_decay(warmup: int, total: int, step: int) -> float:

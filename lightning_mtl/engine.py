@@ -68,6 +68,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_mtl._dtensor import is_dtensor, local_tensor
 from lightning_mtl.tasks import TaskLosses
 from lightning_mtl.weighting import Weighting, as_weighting
 
@@ -204,7 +205,7 @@ class GradientEngine:
                 f"Some shared parameters are sharded by FSDP2 and some are not ({names[:5]} are not): nothing would "
                 "reduce the gradients of the plain ones across ranks. Apply fully_shard to the root module as well."
             )
-        if n_sharded == 0 and any(_is_dtensor(p) for p in shared):
+        if n_sharded == 0 and any(is_dtensor(p) for p in shared):
             raise ValueError(
                 "The shared parameters are DTensors that FSDP2 does not manage (tensor parallelism without "
                 "fully_shard): each rank holds a different slice, which parameter mode cannot combine. Apply "
@@ -249,7 +250,7 @@ class GradientEngine:
         k = len(losses)
         ref = params[0] if params else record.total
         if self._jac is None or self._jac.shape[0] != k or self._jac.device != ref.device:
-            numel = sum(_local(p).numel() for p in params)
+            numel = sum(local_tensor(p).numel() for p in params)
             self._jac = torch.zeros(k, numel, dtype=ref.dtype if params else torch.float32, device=ref.device)
         if self._captured == 0:
             self._scale = _as_tensor(grad_scale, record.total).clone()  # the scaler updates its tensor in place
@@ -407,22 +408,14 @@ class GradientEngine:
 
 def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
     parts = [
-        (torch.zeros(_local(p).numel(), dtype=p.dtype, device=p.device) if g is None else _local(g).reshape(-1))
+        local_tensor(g).reshape(-1)
+        if g is not None
+        else torch.zeros(local_tensor(p).numel(), dtype=p.dtype, device=p.device)
         for g, p in zip(grads, params, strict=True)
     ]
     if not parts:
         return torch.zeros(0) if out is None else out.zero_()
     return torch.cat(parts) if out is None else torch.cat(parts, out=out)
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return callable(getattr(t, "to_local", None))
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def _fsdp_sharded_params(module: nn.Module) -> dict[int, nn.Parameter]:
@@ -486,9 +479,9 @@ def _check_fsdp_sharding(params: Sequence[nn.Parameter], module: nn.Module) -> N
 def _write_grads(flat: Tensor, params: Iterable[nn.Parameter]) -> None:
     offset = 0
     for p in params:
-        local = _local(p)
+        local = local_tensor(p)
         n = local.numel()
         chunk = flat[offset : offset + n].view(local.shape)
         offset += n
         if p.grad is not None:  # None: no task reached p this step, so the optimizer skips it as it would anyway
-            _local(p.grad).copy_(chunk)
+            local_tensor(p.grad).copy_(chunk)

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_mtl._dtensor import local_tensor
+
 __all__ = [
     "STAT_COLUMNS",
     "RngState",
@@ -124,12 +126,6 @@ def select_layers(names: Sequence[str], spec: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 # statistics
 # ----------------------------------------------------------------------------------------------------
-def local_tensor(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2 / tensor parallel), or ``t`` itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
 def parameter_stats(
     params: Sequence[Tensor],
     grads: Sequence[Tensor | None],
