@@ -148,7 +148,8 @@ class GradientEngine:
         self._unit_scale = False
         self._captured = 0  # micro-batches captured since the last apply
         self._sharded = False  # shared parameters are FSDP2 shards: capture by backward, all-reduce the Gramian
-        self._module: nn.Module | None = None
+        self._fsdp_groups: list[Any] = []  # FSDP2 parameter groups of the module (sharded case)
+        self._grad_holders: list[nn.Parameter] = []  # every parameter object whose .grad a task backward can set
         self.bytes_all_reduced = 0  # for the scaling benchmark
 
     def reset(self) -> None:
@@ -159,7 +160,8 @@ class GradientEngine:
         self._scale = None
         self._captured = 0
         self._sharded = False
-        self._module = None
+        self._fsdp_groups = []
+        self._grad_holders = []
 
     # ----------------------------------------------------------------------------------------------------------
     def _bind(self, record: TaskLosses, module: nn.Module | None) -> None:
@@ -179,7 +181,8 @@ class GradientEngine:
     def _detect_shared(self, record: TaskLosses, module: nn.Module | None) -> list[nn.Parameter]:
         if module is None:
             raise ValueError("Parameter mode needs the module whose parameters the task losses reach.")
-        sharded = _fsdp_sharded_params(module)  # the graph holds FSDP2's gathered copies: count their shards
+        groups = _fsdp_groups(module)
+        sharded = _fsdp_sharded_params(groups)  # the graph holds FSDP2's gathered copies: count their shards
         counts: dict[int, int] = {}
         for loss in record.losses.values():
             for pid in {id(sharded[q]) if q in sharded else q for q in reached_parameters(loss)}:
@@ -214,7 +217,8 @@ class GradientEngine:
         self._sharded = n_sharded > 0
         if self._sharded:
             _check_fsdp_sharding(shared, module)
-        self._module = module
+            self._fsdp_groups = groups
+            self._grad_holders = list({id(p): p for p in [*module.parameters(), *sharded.values()]}.values())
         return shared
 
     @property
@@ -270,11 +274,9 @@ class GradientEngine:
     def _capture_sharded(self, losses: Sequence[Tensor], factor: Tensor, first: bool) -> None:
         """FSDP2: one ``backward(retain_graph=True)`` per task, reading the reduce-scattered shards; the ``.grad``
         of earlier micro-batches is set aside meanwhile and put back, so the loop's backward accumulates as usual."""
-        module, params, jac = self._module, self.shared_params, self._jac
-        assert module is not None and params is not None and jac is not None
-        _check_fsdp_reduces(module)
-        sharded = _fsdp_sharded_params(module)
-        every = list({id(p): p for p in [*module.parameters(), *sharded.values()]}.values())
+        params, jac, every = self.shared_params, self._jac, self._grad_holders
+        assert params is not None and jac is not None
+        _check_fsdp_reduces(self._fsdp_groups)
         kept = [p.grad for p in every]
         try:
             for i, loss in enumerate(losses):
@@ -418,11 +420,11 @@ def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tens
     return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
-def _fsdp_sharded_params(module: nn.Module) -> dict[int, nn.Parameter]:
+def _fsdp_sharded_params(groups: list[Any]) -> dict[int, nn.Parameter]:
     """FSDP2: ``id`` of each managed parameter's gathered copy (what autograd sees) and of its shard (what the module
-    and the optimizer hold after the backward) → the shard. Empty for a module without ``fully_shard``."""
+    and the optimizer hold after the backward) → the shard, over the given FSDP2 parameter groups."""
     out: dict[int, nn.Parameter] = {}
-    for group in _fsdp_groups(module):
+    for group in groups:
         for fp in group.fsdp_params:
             out[id(fp.sharded_param)] = fp.sharded_param
             if hasattr(fp, "_unsharded_param"):  # exists from the first all-gather on
@@ -445,8 +447,8 @@ def _fsdp_groups(module: nn.Module) -> list[Any]:
     return groups
 
 
-def _check_fsdp_reduces(module: nn.Module) -> None:
-    if not all(getattr(g, "reduce_grads", True) for g in _fsdp_groups(module)):
+def _check_fsdp_reduces(groups: list[Any]) -> None:
+    if not all(getattr(g, "reduce_grads", True) for g in groups):
         raise RuntimeError(
             "Parameter mode under FSDP2 reads each task's gradient from FSDP2's reduce-scatter, but gradient sync is "
             "off for this micro-batch (set_requires_gradient_sync(False), or Fabric's no_backward_sync). Keep "
