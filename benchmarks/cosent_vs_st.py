@@ -151,8 +151,9 @@ def snli_holdout(args: argparse.Namespace):
     return dm.val_sets["snli"]
 
 
-def score_snli(args: argparse.Namespace, model) -> None:
-    if args.eval_snli:
+def score_snli(args: argparse.Namespace, model, always: bool = False) -> None:
+    """Record the SNLI held-out Spearman in EXTRA (with ``--eval-snli``, or ``always``)."""
+    if args.eval_snli or always:
         held = snli_holdout(args)
         EXTRA["snli_spearman"] = round(
             spearman_x100(model.encode(held.sentence1), model.encode(held.sentence2), held.labels), 2
@@ -179,8 +180,7 @@ def run_multitask(args: argparse.Namespace, data: Path, dev, weighting: str) -> 
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(model, dm)
     seconds, CPU["seconds"] = time.perf_counter() - t0, time.process_time() - c0
-    args.eval_snli = True
-    score_snli(args, model)
+    score_snli(args, model, always=True)
     s1, s2, gold = dev
     return spearman_x100(model.encode(s1), model.encode(s2), gold), seconds
 
