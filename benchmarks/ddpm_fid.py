@@ -3,8 +3,8 @@
 Variants (same UNet, data, batch, steps, learning rate, EMA and seed unless said otherwise):
 
   a    our ``lightning_gen.ddpm.DDPM`` under ``Trainer.fit`` with ``EMAWeightAveraging``
-  b0   a plain diffusers training loop (UNet2DModel + DDPMScheduler.add_noise + AdamW + torch AveragedModel EMA)
-  b1   the plain loop with another seed (run-to-run spread)
+  b    a plain diffusers training loop (UNet2DModel + DDPMScheduler.add_noise + AdamW + torch AveragedModel EMA)
+  b1   the plain loop with seed --seed + 1 (run-to-run spread); a digit after any letter offsets its seed alike
   c    (a) with 4 noise-level tasks (timestep buckets) and ``MultiTaskGradient(GradNormalize())``
   d    (a) with Min-SNR weighting, gamma = 5
   e    sampling of (a)'s model: DDIM-50 vs DDPM-1000 time per image, and the Fréchet distance of DDPM-1000 on
@@ -38,8 +38,9 @@ from mnist_classifier import load as load_classifier
 from lightning_gen.ddpm import DDPM, UNET_PRESETS, make_grid, save_png
 from lightning_gen.image_data import load_mnist, resize_images
 
-#: the UNet of every variant: the "digits8" preset (8 -> 4, channels 32/64, no attention)
-PRESET = "digits8"
+#: the UNet of every variant, by image size: "digits8" / "mnist14" (two levels, channels 32/64, no attention) or
+#: "mnist28" (the ``DDPM()`` default)
+PRESETS = {8: "digits8", 14: "mnist14", 28: "mnist28"}
 HP = dict(lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-6)
 EMA_DECAY = 0.995
 SAMPLE_SEED = 1234
@@ -67,17 +68,45 @@ def frechet(fid, images: torch.Tensor) -> float:
     return float(fid.compute())
 
 
-def train_ours(args: argparse.Namespace, seed: int, **kwargs) -> tuple[DDPM, float]:
+class Curve:
+    """Fréchet distance of the EMA weights at the steps of ``--curve``, as training goes (DDIM-50, ``--samples``).
+
+    Sampling draws from its own generator and DDIM with eta = 0 draws nothing else, so the evaluations leave the
+    training's random stream, and with it the final weights, unchanged. Their time is not counted as training.
+    """
+
+    def __init__(self, args: argparse.Namespace, fid) -> None:
+        self.steps = {int(s) for s in args.curve.split(",") if s} if args.curve else set()
+        self.args, self.fid = args, fid
+        self.points: dict[int, float] = {}
+        self.seconds = 0.0
+
+    def __call__(self, step: int, model: DDPM) -> None:
+        if step not in self.steps or self.fid is None:
+            return
+        start = time.perf_counter()
+        x, _ = sample(model, self.args.samples, 50, "ddim")
+        self.points[step] = round(frechet(self.fid, x), 2)
+        self.seconds += time.perf_counter() - start
+        print(f"  step {step}: FD {self.points[step]}", flush=True)
+
+
+def train_ours(args: argparse.Namespace, seed: int, curve: Curve, **kwargs) -> tuple[DDPM, float]:
     import lightning as L
-    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
     from lightning_gen.image_data import ImageDataModule
     from lightning_mtl.callbacks import MultiTaskGradient
     from lightning_mtl.weighting import GradNormalize
 
     L.seed_everything(seed, verbose=False)
-    model = DDPM(preset=PRESET, **HP, **kwargs)
-    callbacks = [EMAWeightAveraging(decay=EMA_DECAY)]
+    class CurveCallback(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *_) -> None:
+            curve(trainer.global_step, pl_module)  # sample() swaps the EMA weights in and back
+
+    model = DDPM(preset=PRESETS[args.size], **HP, **kwargs)
+    # the curve after the EMA update of the same step (callbacks run in this order)
+    callbacks = [EMAWeightAveraging(decay=EMA_DECAY), CurveCallback()]
     if kwargs.get("timestep_buckets", 0) > 1:
         callbacks.append(MultiTaskGradient(GradNormalize(), log=False))
     trainer = L.Trainer(
@@ -88,17 +117,18 @@ def train_ours(args: argparse.Namespace, seed: int, **kwargs) -> tuple[DDPM, flo
     dm.setup("fit")
     start = time.perf_counter()
     trainer.fit(model, dm)
-    return model, time.perf_counter() - start  # EMA weights copied in at the end of fit
+    return model, time.perf_counter() - start - curve.seconds  # EMA weights copied in at the end of fit
 
 
-def train_plain(args: argparse.Namespace, seed: int) -> tuple[DDPM, float]:
+def train_plain(args: argparse.Namespace, seed: int, curve: Curve) -> tuple[DDPM, float]:
     """The diffusers ``train_unconditional.py`` recipe, without accelerate: nothing of Lightning or ours."""
     from diffusers import DDPMScheduler, UNet2DModel
     from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
     from torch.utils.data import DataLoader, TensorDataset
 
+    probe = DDPM(preset=PRESETS[args.size])  # holds the EMA weights for the curve's samples; before the seed
     torch.manual_seed(seed)
-    unet = UNet2DModel(**UNET_PRESETS[PRESET])
+    unet = UNet2DModel(**UNET_PRESETS[PRESETS[args.size]])
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), **HP)
     ema = AveragedModel(unet, avg_fn=get_ema_avg_fn(EMA_DECAY), use_buffers=True)
@@ -116,10 +146,13 @@ def train_plain(args: argparse.Namespace, seed: int) -> tuple[DDPM, float]:
             opt.zero_grad(set_to_none=True)
             ema.update_parameters(unet)
             step += 1
+            if step in curve.steps:
+                probe.unet.load_state_dict(ema.module.state_dict())
+                curve(step, probe)
             if step == args.steps:
                 break
-    seconds = time.perf_counter() - start
-    model = DDPM(preset=PRESET)
+    seconds = time.perf_counter() - start - curve.seconds
+    model = DDPM(preset=PRESETS[args.size])
     model.unet.load_state_dict(ema.module.state_dict())
     return model, seconds
 
@@ -146,7 +179,7 @@ def run(args: argparse.Namespace) -> None:
             model = models.get("a")
             if model is None:
                 path = workdir / "unet_a.pt"
-                model = DDPM(preset=PRESET)
+                model = DDPM(preset=PRESETS[args.size])
                 model.unet.load_state_dict(torch.load(path, weights_only=True))
             n = args.ddpm_samples
             x_ddpm, t_ddpm = sample(model, n, 1000, "ddpm")
@@ -156,17 +189,22 @@ def run(args: argparse.Namespace) -> None:
                        fid_ddim50_same_n=frechet(fid, x_ddim))
             save_png(make_grid(x_ddpm[:64], 8), workdir / "grid_e_ddpm1000.png", 4)
         else:
-            rec["steps"] = args.steps
-            if variant == "a":
-                model, secs = train_ours(args, args.seed)
-            elif variant in ("b0", "b1"):
-                model, secs = train_plain(args, args.seed + int(variant[1]))
-            elif variant == "c":
-                model, secs = train_ours(args, args.seed, timestep_buckets=4)
-            elif variant == "d":
-                model, secs = train_ours(args, args.seed, snr_gamma=5.0)
+            # a letter, then an optional seed offset: "b1" is the plain loop with seed --seed + 1
+            kind, offset = variant[0], int(variant[1:] or 0)
+            seed, curve = args.seed + offset, Curve(args, fid)
+            rec.update(steps=args.steps, seed=seed)
+            if kind == "a":
+                model, secs = train_ours(args, seed, curve)
+            elif kind == "b":
+                model, secs = train_plain(args, seed, curve)
+            elif kind == "c":
+                model, secs = train_ours(args, seed, curve, timestep_buckets=4)
+            elif kind == "d":
+                model, secs = train_ours(args, seed, curve, snr_gamma=5.0)
             else:
                 raise SystemExit(f"unknown variant {variant!r}")
+            if curve.points:
+                rec["curve"] = curve.points
             models[variant] = model
             torch.save(model.unet.state_dict(), workdir / f"unet_{variant}.pt")
             x, t_ddim = sample(model, args.samples, 50, "ddim")
@@ -182,8 +220,7 @@ def run(args: argparse.Namespace) -> None:
 NAMES = {
     "data": "MNIST train images (no model): floor at this n",
     "a": "(a) ours: `DDPM` + `Trainer` + `EMAWeightAveraging`",
-    "b0": "(b) plain diffusers loop, seed 0",
-    "b1": "(b) plain diffusers loop, seed 1",
+    "b": "(b) plain diffusers loop",
     "c": "(c) ours, 4 noise-level tasks + `MultiTaskGradient(GradNormalize())`",
     "d": "(d) ours, Min-SNR (γ = 5)",
 }
@@ -191,14 +228,18 @@ NAMES = {
 
 def report(args: argparse.Namespace) -> None:
     recs = [json.loads(line) for line in open(Path(args.workdir) / "results.jsonl")]
-    print("| run | train steps × batch | train time (s/step) | n | FD, DDIM-50 |")
-    print("|---|---|---|---|---|")
+    curves = sorted({int(s) for r in recs for s in r.get("curve", {})})
+    head = "".join(f" FD at {s} |" for s in curves)
+    print(f"| run | seed | train steps × batch | train time (s/step) | n |{head} FD, DDIM-50 (end) |")
+    print("|---|---|---|---|---|" + "---|" * len(curves) + "---|")
     for r in recs:
         if r["variant"] == "e":
             continue
         steps = f"{r['steps']} × {r['batch']}" if "steps" in r else "-"
         sps = f"{r['s_per_step']:.3f}" if "s_per_step" in r else "-"
-        print(f"| {NAMES[r['variant']]} | {steps} | {sps} | {r['n']} | {r['fid_ddim50']:.2f} |")
+        points = "".join(f" {r['curve'][str(s)]:.2f} |" if str(s) in r.get("curve", {}) else " - |" for s in curves)
+        print(f"| {NAMES[r['variant'][0]]} | {r.get('seed', '-')} | {steps} | {sps} | {r['n']} |{points} "
+              f"{r['fid_ddim50']:.2f} |")
     for r in recs:
         if r["variant"] == "e":
             print()
@@ -210,7 +251,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 def compose(args: argparse.Namespace, out: str) -> None:
-    """One small PNG: 2 rows (16 images) of real 8×8 MNIST, then 2 rows of each grid found in the workdir."""
+    """One small PNG: 2 rows (16 images) of real MNIST, then 2 rows of each grid found in the workdir."""
     from PIL import Image
 
     workdir = Path(args.workdir)
@@ -234,7 +275,7 @@ def compose(args: argparse.Namespace, out: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mnist", default="../shared/data/mnist")
-    p.add_argument("--classifier", default="/tmp/ddpm_bench/clf8.pt")
+    p.add_argument("--classifier", default=None, help="default: <workdir>/clf<size>.pt")
     p.add_argument("--workdir", default="/tmp/ddpm_bench")
     p.add_argument("--variants", default="data,a,e,d,b0,c,b1")
     p.add_argument("--size", type=int, default=8)
@@ -243,6 +284,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--ddpm-samples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curve", default="", help="comma-separated steps at which to measure the distance as well")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", action="store_true")
     p.add_argument("--compose", default=None, help="write the composite sample PNG here and exit")
@@ -254,6 +296,7 @@ def main() -> None:
         report(args)
         return
     torch.set_num_threads(args.threads)
+    args.classifier = args.classifier or str(Path(args.workdir) / f"clf{args.size}.pt")
     run(args)
 
 

@@ -5,6 +5,8 @@ tensor, batch 128, AdamW, ε-prediction, in one process, interleaved in blocks (
 the load of a shared machine hit both arms alike. A step is the wall time between the ends of two consecutive
 steps (data loading, forward, loss, backward, optimiser, and for ours Lightning's hooks and ``self.log``); the
 first step of every block is dropped. Reported: the median per arm and their ratio, ours / plain (target <= 1.05).
+With ``--lightning-arm``, a third arm runs the plain loop's step as a ``training_step`` under the same ``Trainer``:
+what Lightning costs, apart from what ``DDPM``'s own code costs.
 
     python benchmarks/ddpm_step.py --presets digits8,mnist28 --rounds 6 --block 5
 """
@@ -35,7 +37,25 @@ class StepTimer(Callback):
         self.ends.append(time.perf_counter())
 
 
-def ours_block(model: DDPM, dm: ImageDataModule, steps: int) -> list[float]:
+class PlainInLightning(L.LightningModule):
+    """The plain loop's step as a ``training_step``: separates Lightning's cost from the cost of ``DDPM``'s own code."""
+
+    def __init__(self, unet, sched) -> None:
+        super().__init__()
+        self.unet, self.sched = unet, sched
+
+    def training_step(self, batch, batch_idx: int):
+        (x0,) = batch
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (x0.shape[0],))
+        pred = self.unet(self.sched.add_noise(x0, noise, t), t).sample
+        return F.mse_loss(pred.float(), noise.float())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.unet.parameters(), lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-6)
+
+
+def ours_block(model: L.LightningModule, dm: ImageDataModule, steps: int) -> list[float]:
     timer = StepTimer()
     trainer = L.Trainer(
         max_steps=steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -79,16 +99,24 @@ def bench(preset: str, args: argparse.Namespace) -> dict:
     sched = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-6)
     loader = DataLoader(TensorDataset(data), batch_size=args.batch, shuffle=True, drop_last=True)
-    ours, plain = [], []
+    torch.manual_seed(0)
+    in_lightning = PlainInLightning(UNet2DModel(**UNET_PRESETS[preset]), DDPMScheduler(num_train_timesteps=1000))
+    ours, plain, lit = [], [], []
     for _ in range(args.rounds):
         ours += ours_block(model, dm, args.block)
         plain += plain_block(unet, sched, opt, loader, args.block)
+        if args.lightning_arm:
+            lit += ours_block(in_lightning, dm, args.block)
     mo, mp = statistics.median(ours), statistics.median(plain)
-    return {
+    row = {
         "preset": preset, "image": f"{size}x{size}", "batch": args.batch, "threads": torch.get_num_threads(),
         "steps_per_arm": len(ours), "ours_median_s": round(mo, 4), "plain_median_s": round(mp, 4),
         "ratio": round(mo / mp, 3), "params": sum(p.numel() for p in unet.parameters()),
     }
+    if lit:
+        ml = statistics.median(lit)
+        row.update(plain_in_lightning_median_s=round(ml, 4), lightning_ratio=round(ml / mp, 3))
+    return row
 
 
 def main() -> None:
@@ -100,16 +128,22 @@ def main() -> None:
     p.add_argument("--block", type=int, default=5)
     p.add_argument("--limit", type=int, default=8192, help="MNIST training images kept in memory")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lightning-arm", action="store_true",
+                   help="a third arm: the plain step as a LightningModule, same Trainer (A B C A B C ...)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = [bench(preset, args) for preset in args.presets.split(",")]
     for r in rows:
         print(json.dumps(r))
-    print("\n| UNet preset | image | params | batch | steps / arm | ours (s/step) | plain diffusers (s/step) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    lit = any("lightning_ratio" in r for r in rows)
+    extra = (" plain step in Lightning (s/step) | its ratio |", "---|---|") if lit else ("", "")
+    print(f"\n| UNet preset | image | params | batch | steps / arm | ours (s/step) | plain diffusers (s/step) | ratio |"
+          f"{extra[0]}")
+    print("|---|---|---|---|---|---|---|---|" + extra[1])
     for r in rows:
+        cells = (f" {r['plain_in_lightning_median_s']:.4f} | {r['lightning_ratio']:.3f} |" if lit else "")
         print(f"| {r['preset']} | {r['image']} | {r['params']:,} | {r['batch']} | {r['steps_per_arm']} | "
-              f"{r['ours_median_s']:.4f} | {r['plain_median_s']:.4f} | {r['ratio']:.3f} |")
+              f"{r['ours_median_s']:.4f} | {r['plain_median_s']:.4f} | {r['ratio']:.3f} |{cells}")
 
 
 if __name__ == "__main__":
