@@ -238,7 +238,8 @@ def report(args: argparse.Namespace) -> None:
         steps = f"{r['steps']} × {r['batch']}" if "steps" in r else "-"
         sps = f"{r['s_per_step']:.3f}" if "s_per_step" in r else "-"
         points = "".join(f" {r['curve'][str(s)]:.2f} |" if str(s) in r.get("curve", {}) else " - |" for s in curves)
-        print(f"| {NAMES[r['variant'][0]]} | {r.get('seed', '-')} | {steps} | {sps} | {r['n']} |{points} "
+        name = NAMES.get(r["variant"]) or NAMES[r["variant"][0]]
+        print(f"| {name} | {r.get('seed', '-')} | {steps} | {sps} | {r['n']} |{points} "
               f"{r['fid_ddim50']:.2f} |")
     for r in recs:
         if r["variant"] == "e":
@@ -258,7 +259,7 @@ def compose(args: argparse.Namespace, out: str) -> None:
     real = (real_images(args, "test")[:16] + 1) / 2
     save_png(make_grid(real, 8), workdir / "grid_real.png", 4)
     rows = []
-    for name in ("real", "a", "e_ddpm1000", "c", "d", "b1"):
+    for name in args.rows.split(","):
         path = workdir / f"grid_{name}.png"
         if path.is_file():
             img = Image.open(path)
@@ -288,6 +289,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", action="store_true")
     p.add_argument("--compose", default=None, help="write the composite sample PNG here and exit")
+    p.add_argument("--rows", default="real,a,e_ddpm1000,c,d,b1", help="the grids of --compose, top to bottom")
     args = p.parse_args()
     if args.compose:
         compose(args, args.compose)
