@@ -13,11 +13,13 @@ Variants (same UNet, data, batch, steps, learning rate, EMA and seed unless said
 
 Every variant appends one JSON line to ``<workdir>/results.jsonl``; ``--report`` prints the Markdown table.
 
-    python benchmarks/mnist_classifier.py --size 8 --out /tmp/ddpm_bench/clf8.pt
-    python benchmarks/ddpm_fid.py --variants data,a,e,d --steps 800 --workdir /tmp/ddpm_bench
-    python benchmarks/ddpm_fid.py --variants b0,c,b1 --steps 800 --workdir /tmp/ddpm_bench
-    python benchmarks/ddpm_fid.py --report --workdir /tmp/ddpm_bench
-    python benchmarks/ddpm_fid.py --compose benchmarks/ddpm_samples.png --workdir /tmp/ddpm_bench
+    python benchmarks/mnist_classifier.py --size 14 --out /tmp/ddpm14/clf14.pt
+    python benchmarks/ddpm_fid.py --size 14 --workdir /tmp/ddpm14 --variants data,a,e --steps 5000 --curve 1000,2000
+    python benchmarks/ddpm_fid.py --size 14 --workdir /tmp/ddpm14 --variants b,b1,b2,c,d --steps 2000 --curve 1000
+    python benchmarks/ddpm_fid.py --report --workdir /tmp/ddpm14
+    python benchmarks/ddpm_fid.py --size 14 --workdir /tmp/ddpm14 --compose benchmarks/ddpm_samples.png
+
+(benchmarks/ddpm.md gives the commands and the results of the measured runs, which were split over two workers.)
 """
 
 from __future__ import annotations
