@@ -92,7 +92,10 @@ def main() -> None:
         samples = ddpm.sample(16, 50, "ddim", torch.Generator(ddpm.device).manual_seed(0), use_ema=False)
         path = save_png(make_grid(samples.cpu(), 4), Path(args.output_dir) / "samples.png", scale=4)
         print("sample grid (EMA weights):", path)
+    # leave together: a rank that exits while another still talks to the store (hosted by rank 0) aborts it
     fabric.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

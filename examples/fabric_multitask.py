@@ -87,6 +87,10 @@ def main() -> int:
         fabric.print(f"identical parameters on all {fabric.world_size} ranks")
     else:
         fabric.print(f"parameters DIFFER between ranks (max |diff| {float((gathered - gathered[0]).abs().max()):.3g})")
+    # leave together: a rank that exits while another still talks to the store (hosted by rank 0) aborts it
+    fabric.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0 if identical else 1
 
 

@@ -181,16 +181,29 @@ def test_plain_ddp_loop_every_weighting_both_modes(tmp_path):
             torch.testing.assert_close(a, c.detach(), rtol=0, atol=1e-6, msg=f"{mode}/{name}")
 
 
-def test_fabric_example_under_fabric_run(tmp_path):
-    """`fabric run --accelerator cpu --devices 2 examples/fabric_multitask.py` ends with identical parameters."""
+@pytest.mark.parametrize(
+    "example, args, expected",
+    [
+        ("fabric_multitask.py", ["--steps", "6"], ["identical parameters on all 2 ranks"]),
+        (
+            "fabric_ddpm.py",
+            ["--steps", "3", "--batch-size", "16", "--buckets", "4", "--gradnormalize", "--output-dir", "out"],
+            ["identical weights on all ranks: True", "sample grid (EMA weights):"],
+        ),
+    ],
+)
+def test_fabric_example_under_fabric_run(tmp_path, example, args, expected):
+    """`fabric run --accelerator cpu --devices 2 examples/<example>` ends with identical weights, and exits cleanly."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     fabric = Path(sys.executable).with_name("fabric")  # the console script installed with lightning
     assert fabric.exists(), f"no `fabric` command beside {sys.executable}"
-    example = str(ROOT / "examples" / "fabric_multitask.py")
-    cmd = [str(fabric), "run", "--accelerator", "cpu", "--devices", "2", example, "--steps", "6"]
+    cmd = [str(fabric), "run", "--accelerator", "cpu", "--devices", "2", str(ROOT / "examples" / example), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "identical parameters on all 2 ranks" in proc.stdout
+    for line in expected:
+        assert line in proc.stdout
+    if example == "fabric_ddpm.py":
+        assert (tmp_path / "out" / "samples.png").is_file()
 
 
 FSDP2_CONFIGS = [f"parameter:{name}:1:2:" for name in WEIGHTINGS] + [
