@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ddpm_step import plain_loss
 from mnist_classifier import load as load_classifier
 
 from lightning_gen.ddpm import DDPM, UNET_PRESETS, make_grid, save_png
@@ -84,7 +84,7 @@ class Curve:
         self.seconds = 0.0
 
     def __call__(self, step: int, model: DDPM) -> None:
-        if step not in self.steps or self.fid is None:
+        if step not in self.steps:
             return
         start = time.perf_counter()
         x, _ = sample(model, self.args.samples, 50, "ddim")
@@ -139,11 +139,7 @@ def train_plain(args: argparse.Namespace, seed: int, curve: Curve) -> tuple[DDPM
     step, start = 0, time.perf_counter()
     while step < args.steps:
         for (x0,) in loader:
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, 1000, (x0.shape[0],))
-            pred = unet(sched.add_noise(x0, noise, t), t).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-            loss.backward()
+            plain_loss(unet, sched, x0).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema.update_parameters(unet)

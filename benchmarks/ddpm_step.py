@@ -37,6 +37,18 @@ class StepTimer(Callback):
         self.ends.append(time.perf_counter())
 
 
+#: the optimiser of every arm
+ADAMW = dict(lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-6)
+
+
+def plain_loss(unet, sched, x0: torch.Tensor) -> torch.Tensor:
+    """The plain diffusers ε-loss of one batch (``train_unconditional.py``): noise, timesteps, add_noise, UNet, MSE."""
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],))
+    pred = unet(sched.add_noise(x0, noise, t), t).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
 class PlainInLightning(L.LightningModule):
     """The plain loop's step as a ``training_step``: separates Lightning's cost from the cost of ``DDPM``'s own code."""
 
@@ -46,13 +58,10 @@ class PlainInLightning(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         (x0,) = batch
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.sched.config.num_train_timesteps, (x0.shape[0],))
-        pred = self.unet(self.sched.add_noise(x0, noise, t), t).sample
-        return F.mse_loss(pred.float(), noise.float())
+        return plain_loss(self.unet, self.sched, x0)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.unet.parameters(), lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-6)
+        return torch.optim.AdamW(self.unet.parameters(), **ADAMW)
 
 
 def ours_block(model: L.LightningModule, dm: ImageDataModule, steps: int) -> list[float]:
@@ -70,11 +79,7 @@ def plain_block(unet, sched, opt, loader: DataLoader, steps: int) -> list[float]
     it = iter(loader)
     for _ in range(steps + 1):
         (x0,) = next(it)
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],))
-        pred = unet(sched.add_noise(x0, noise, t), t).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
+        plain_loss(unet, sched, x0).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         ends.append(time.perf_counter())
@@ -97,10 +102,11 @@ def bench(preset: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     unet = UNet2DModel(**UNET_PRESETS[preset])
     sched = DDPMScheduler(num_train_timesteps=1000)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-6)
+    opt = torch.optim.AdamW(unet.parameters(), **ADAMW)
     loader = DataLoader(TensorDataset(data), batch_size=args.batch, shuffle=True, drop_last=True)
-    torch.manual_seed(0)
-    in_lightning = PlainInLightning(UNet2DModel(**UNET_PRESETS[preset]), DDPMScheduler(num_train_timesteps=1000))
+    if args.lightning_arm:
+        torch.manual_seed(0)
+        in_lightning = PlainInLightning(UNet2DModel(**UNET_PRESETS[preset]), DDPMScheduler(num_train_timesteps=1000))
     ours, plain, lit = [], [], []
     for _ in range(args.rounds):
         ours += ours_block(model, dm, args.block)

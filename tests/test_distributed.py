@@ -206,6 +206,11 @@ def test_fabric_example_under_fabric_run(tmp_path, example, args, expected):
         assert (tmp_path / "out" / "samples.png").is_file()
 
 
+def fsdp2_hidden(k: int) -> int:
+    """Hidden width of the FSDP2 runs: 7 for K = 3, so that the two ranks' shards are uneven (4 and 3 rows)."""
+    return 7 if k == 3 else 8
+
+
 FSDP2_CONFIGS = [f"parameter:{name}:1:2:" for name in WEIGHTINGS] + [
     "parameter:MGDA:2:2:",  # accumulation
     "parameter:MGDA:1:3:",  # two task backwards per step, uneven shards
@@ -237,7 +242,7 @@ def test_fsdp2_equals_one_process(tmp_path):
         sharded = torch.load(tmp_path / f"{config.replace(':', '_')}.rank0.pt")
         ds = make_data(n=80, k=int(k))
         torch.manual_seed(0)
-        single = TwoHeads(k=int(k), hidden=7 if int(k) == 3 else 8)
+        single = TwoHeads(k=int(k), hidden=fsdp2_hidden(int(k)))
         initial = [p.detach().clone() for p in single.parameters()]
         callback = MultiTaskGradient(WEIGHTINGS[name](), mode=mode, subtract_last=variant != "exact")
         trainer(max_epochs=1, accumulate_grad_batches=int(accumulate), callbacks=[callback]).fit(single, loader(ds, 16))

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_mtl.callbacks import MultiTaskGradient
 from tests._mtl_models import TwoHeads, make_data, trainer
-from tests.test_distributed import WEIGHTINGS, InOrder
+from tests.test_distributed import WEIGHTINGS, InOrder, fsdp2_hidden
 
 
 class Sharded(TwoHeads):
@@ -49,7 +49,7 @@ def fit(out: str, config: str) -> None:
     mode, name, accumulate, k, variant = config.split(":")
     ds = make_data(n=80, k=int(k))
     torch.manual_seed(0)
-    model = Sharded(k=int(k), hidden=7 if int(k) == 3 else 8)
+    model = Sharded(k=int(k), hidden=fsdp2_hidden(int(k)))
     model.shard = variant != "unsharded"
     callback = MultiTaskGradient(WEIGHTINGS[name](), mode=mode, subtract_last=variant != "exact")
     t = trainer(
