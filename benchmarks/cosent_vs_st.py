@@ -89,8 +89,9 @@ def run_ours(args: argparse.Namespace, data: Path, dev) -> tuple[float, float]:
 
     batches = st_batches(args, data) if args.order == "st" else None  # before seeding: it must not shift our seed
     L.seed_everything(args.seed, verbose=False)
-    model = CoSENTEncoder(pooling=args.pooling, scale=args.scale, lr=args.lr, warmup_ratio=0.1,
-                          max_length=args.max_length)
+    model = CoSENTEncoder(
+        pooling=args.pooling, scale=args.scale, lr=args.lr, warmup_ratio=0.1, max_length=args.max_length
+    )
     set_dropout(model.model, args.dropout)
     dm = SentencePairDataModule(train={"stsb": str(data / "sts-train.tsv")}, batch_size=args.batch_size)
     dm.setup()
@@ -103,9 +104,18 @@ def run_ours(args: argparse.Namespace, data: Path, dev) -> tuple[float, float]:
         assert [ds[i][0] for i in range(len(ds))] == s1 and len(s2) == len(ds), "datasets differ"
         loader = DataLoader(ds, batch_sampler=batches, collate_fn=partial(collate_pairs, task="stsb"))
         dm.train_dataloader = lambda: CombinedLoader({"stsb": loader}, "max_size_cycle")
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(model, dm)
     seconds, CPU["seconds"] = time.perf_counter() - t0, time.process_time() - c0
@@ -125,13 +135,27 @@ def st_trainer(args: argparse.Namespace, data: Path, loss_name: str):
     set_dropout(model, args.dropout)
     s1, s2, y = read_sts(data / "sts-train.tsv", args.train_pairs, seed=0)
     train = Dataset.from_dict({"sentence1": s1, "sentence2": s2, "score": [v / 5 for v in y]})
-    loss = {"st-cosent": lambda: losses.CoSENTLoss(model, scale=args.scale),
-            "st-angle": lambda: losses.AnglELoss(model, scale=args.scale),
-            "st-cosine": lambda: losses.CosineSimilarityLoss(model)}[loss_name]()
-    targs = Args(output_dir=str(Path(args.workdir) / loss_name), num_train_epochs=args.epochs,
-                 per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=0.1,
-                 seed=args.seed, data_seed=args.seed, save_strategy="no", eval_strategy="no", report_to="none",
-                 logging_steps=10_000, disable_tqdm=True, use_cpu=True, dataloader_drop_last=False)
+    loss = {
+        "st-cosent": lambda: losses.CoSENTLoss(model, scale=args.scale),
+        "st-angle": lambda: losses.AnglELoss(model, scale=args.scale),
+        "st-cosine": lambda: losses.CosineSimilarityLoss(model),
+    }[loss_name]()
+    targs = Args(
+        output_dir=str(Path(args.workdir) / loss_name),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=0.1,
+        seed=args.seed,
+        data_seed=args.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_drop_last=False,
+    )
     return model, SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss)
 
 
@@ -168,15 +192,30 @@ def run_multitask(args: argparse.Namespace, data: Path, dev, weighting: str) -> 
     from lightning_mtl.cosent import CoSENTEncoder, SentencePairDataModule
 
     L.seed_everything(args.seed, verbose=False)
-    model = CoSENTEncoder(pooling=args.pooling, scale=args.scale, lr=args.lr, warmup_ratio=0.1,
-                          max_length=args.max_length)
-    dm = SentencePairDataModule(train={"stsb": str(data / "sts-train.tsv"), "snli": args.snli},
-                                holdout={"snli": 2000}, batch_size=args.batch_size, mode="max_size_cycle")
+    model = CoSENTEncoder(
+        pooling=args.pooling, scale=args.scale, lr=args.lr, warmup_ratio=0.1, max_length=args.max_length
+    )
+    dm = SentencePairDataModule(
+        train={"stsb": str(data / "sts-train.tsv"), "snli": args.snli},
+        holdout={"snli": 2000},
+        batch_size=args.batch_size,
+        mode="max_size_cycle",
+    )
     callbacks = [MultiTaskGradient(mtl.GradNormalize(), mode="parameter")] if weighting == "gradnorm" else []
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
-                        limit_train_batches=args.limit_batches or None)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        limit_train_batches=args.limit_batches or None,
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(model, dm)
     seconds, CPU["seconds"] = time.perf_counter() - t0, time.process_time() - c0
@@ -222,16 +261,28 @@ def one(args: argparse.Namespace) -> None:
         score, seconds = run_multitask(args, data, dev, name.removeprefix("ours-mt-"))
     else:
         score, seconds = run_st(args, data, dev, name)
-    record = {"run": name, "spearman": round(score, 2), "seconds": round(seconds, 1),
-              "cpu_seconds": round(CPU["seconds"], 1), "lr": args.lr,
-              "epochs": args.epochs, "scale": args.scale if name != "st-cosine" else None,
-              "pooling": args.pooling if name in ("ours", "zero-shot") else "mean", "batch_size": args.batch_size,
-              "max_length": args.max_length, "train_pairs": args.train_pairs or 5749,
-              "dev_pairs": args.dev_pairs or 1500, "seed": args.seed, "threads": args.threads, "tag": args.tag,
-              "order": args.order if name.startswith("ours") else "st",
-              "dropout": None if args.dropout < 0 else args.dropout,
-              **EXTRA,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node()}
+    record = {
+        "run": name,
+        "spearman": round(score, 2),
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(CPU["seconds"], 1),
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "scale": args.scale if name != "st-cosine" else None,
+        "pooling": args.pooling if name in ("ours", "zero-shot") else "mean",
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "train_pairs": args.train_pairs or 5749,
+        "dev_pairs": args.dev_pairs or 1500,
+        "seed": args.seed,
+        "threads": args.threads,
+        "tag": args.tag,
+        "order": args.order if name.startswith("ours") else "st",
+        "dropout": None if args.dropout < 0 else args.dropout,
+        **EXTRA,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+    }
     print(json.dumps(record), flush=True)
     with open(args.results, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -239,9 +290,11 @@ def one(args: argparse.Namespace) -> None:
 
 def table(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
-    lines = ["| tag | run | train pairs | lr | epochs | λ | pooling | seed | batches | dropout | threads "
-             "| STS-B dev Spearman ×100 | SNLI held-out Spearman ×100 | train wall s | train CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tag | run | train pairs | lr | epochs | λ | pooling | seed | batches | dropout | threads "
+        "| STS-B dev Spearman ×100 | SNLI held-out Spearman ×100 | train wall s | train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lam = "-" if r["scale"] is None else f"{r['scale']:g}"
         secs = "-" if not r["seconds"] else f"{r['seconds']:.0f}"
@@ -250,12 +303,16 @@ def table(results: Path) -> str:
         order = "-" if r["run"] == "zero-shot" else ("ST's" if r.get("order", "own") == "st" else "own")
         dropout = "on" if r.get("dropout") is None else f"{r['dropout']:g}"
         if r["run"] == "zero-shot":
-            lines.append(f"| {r['tag']} | zero-shot | - | - | 0 | - | {r['pooling']} | - | - | - | {r['threads']} "
-                         f"| {r['spearman']:.2f} | {snli} | - | - |")
+            lines.append(
+                f"| {r['tag']} | zero-shot | - | - | 0 | - | {r['pooling']} | - | - | - | {r['threads']} "
+                f"| {r['spearman']:.2f} | {snli} | - | - |"
+            )
             continue
-        lines.append(f"| {r['tag']} | {r['run']} | {r.get('train_pairs', 5749)} | {r['lr']:g} | {r['epochs']} | {lam} "
-                     f"| {r['pooling']} | {r['seed']} | {order} | {dropout} | {r['threads']} | {r['spearman']:.2f} "
-                     f"| {snli} | {secs} | {cpu} |")
+        lines.append(
+            f"| {r['tag']} | {r['run']} | {r.get('train_pairs', 5749)} | {r['lr']:g} | {r['epochs']} | {lam} "
+            f"| {r['pooling']} | {r['seed']} | {order} | {dropout} | {r['threads']} | {r['spearman']:.2f} "
+            f"| {snli} | {secs} | {cpu} |"
+        )
     return "\n".join(lines)
 
 
@@ -277,8 +334,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--order", choices=["own", "st"], default="own",
-                   help="ours: draw batches with our own seeded sampler, or take sentence-transformers' batches")
+    p.add_argument(
+        "--order",
+        choices=["own", "st"],
+        default="own",
+        help="ours: draw batches with our own seeded sampler, or take sentence-transformers' batches",
+    )
     p.add_argument("--snli", default=str(HERE.parent.parent / "shared" / "data" / "snli" / "snli_1.0_dev.tsv"))
     p.add_argument("--eval-snli", action="store_true", help="ours / zero-shot: also score the SNLI held-out pairs")
     p.add_argument("--limit-batches", type=int, default=0, help="multi-task runs: stop after N steps (smoke test)")
@@ -300,9 +361,11 @@ def main() -> None:
         one(args)
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    child = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
-             for k, v in vars(args).items()
-             if k not in ("runs", "repeat", "table", "one", "parallel") and v is not False]
+    child = [
+        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("runs", "repeat", "table", "one", "parallel") and v is not False
+    ]
     for _ in range(args.repeat):
         names = args.runs.split(",")
         if args.parallel:  # all runs at once: each sees the same load on a shared machine over the same period

@@ -102,6 +102,7 @@ def train_ours(args: argparse.Namespace, seed: int, curve: Curve, **kwargs) -> t
     from lightning_mtl.weighting import GradNormalize
 
     L.seed_everything(seed, verbose=False)
+
     class CurveCallback(Callback):
         def on_train_batch_end(self, trainer, pl_module, *_) -> None:
             curve(trainer.global_step, pl_module)  # sample() swaps the EMA weights in and back
@@ -112,8 +113,13 @@ def train_ours(args: argparse.Namespace, seed: int, curve: Curve, **kwargs) -> t
     if kwargs.get("timestep_buckets", 0) > 1:
         callbacks.append(MultiTaskGradient(GradNormalize(), log=False))
     trainer = L.Trainer(
-        max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        max_steps=args.steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     dm = ImageDataModule("mnist", root=args.mnist, image_size=args.size, batch_size=args.batch)
     dm.setup("fit")
@@ -182,9 +188,14 @@ def run(args: argparse.Namespace) -> None:
             n = args.ddpm_samples
             x_ddpm, t_ddpm = sample(model, n, 1000, "ddpm")
             x_ddim, t_ddim = sample(model, n, 50, "ddim")
-            rec.update(n=n, ddpm1000_s_per_image=t_ddpm / n, ddim50_s_per_image=t_ddim / n,
-                       speedup=t_ddpm / t_ddim, fid_ddpm1000=frechet(fid, x_ddpm),
-                       fid_ddim50_same_n=frechet(fid, x_ddim))
+            rec.update(
+                n=n,
+                ddpm1000_s_per_image=t_ddpm / n,
+                ddim50_s_per_image=t_ddim / n,
+                speedup=t_ddpm / t_ddim,
+                fid_ddpm1000=frechet(fid, x_ddpm),
+                fid_ddim50_same_n=frechet(fid, x_ddim),
+            )
             save_png(make_grid(x_ddpm[:64], 8), workdir / "grid_e_ddpm1000.png", 4)
         else:
             # a letter, then an optional seed offset: "b1" is the plain loop with seed --seed + 1
@@ -206,8 +217,13 @@ def run(args: argparse.Namespace) -> None:
             models[variant] = model
             torch.save(model.unet.state_dict(), workdir / f"unet_{variant}.pt")
             x, t_ddim = sample(model, args.samples, 50, "ddim")
-            rec.update(train_s=secs, s_per_step=secs / args.steps, n=args.samples, ddim50_s_per_image=t_ddim / len(x),
-                       fid_ddim50=frechet(fid, x))
+            rec.update(
+                train_s=secs,
+                s_per_step=secs / args.steps,
+                n=args.samples,
+                ddim50_s_per_image=t_ddim / len(x),
+                fid_ddim50=frechet(fid, x),
+            )
             save_png(make_grid(x[:64], 8), workdir / f"grid_{variant}.png", 4)
         rec = {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}
         print(json.dumps(rec), flush=True)
@@ -237,8 +253,7 @@ def report(args: argparse.Namespace) -> None:
         sps = f"{r['s_per_step']:.3f}" if "s_per_step" in r else "-"
         points = "".join(f" {r['curve'][str(s)]:.2f} |" if str(s) in r.get("curve", {}) else " - |" for s in curves)
         name = NAMES.get(r["variant"]) or NAMES[r["variant"][0]]
-        print(f"| {name} | {r.get('seed', '-')} | {steps} | {sps} | {r['n']} |{points} "
-              f"{r['fid_ddim50']:.2f} |")
+        print(f"| {name} | {r.get('seed', '-')} | {steps} | {sps} | {r['n']} |{points} {r['fid_ddim50']:.2f} |")
     for r in recs:
         if r["variant"] == "e":
             print()

@@ -67,8 +67,14 @@ class PlainInLightning(L.LightningModule):
 def ours_block(model: L.LightningModule, dm: ImageDataModule, steps: int) -> list[float]:
     timer = StepTimer()
     trainer = L.Trainer(
-        max_steps=steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        max_steps=steps + 1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     trainer.fit(model, dm)
     return [b - a for a, b in itertools.pairwise(timer.ends)]
@@ -115,9 +121,15 @@ def bench(preset: str, args: argparse.Namespace) -> dict:
             lit += ours_block(in_lightning, dm, args.block)
     mo, mp = statistics.median(ours), statistics.median(plain)
     row = {
-        "preset": preset, "image": f"{size}x{size}", "batch": args.batch, "threads": torch.get_num_threads(),
-        "steps_per_arm": len(ours), "ours_median_s": round(mo, 4), "plain_median_s": round(mp, 4),
-        "ratio": round(mo / mp, 3), "params": sum(p.numel() for p in unet.parameters()),
+        "preset": preset,
+        "image": f"{size}x{size}",
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "steps_per_arm": len(ours),
+        "ours_median_s": round(mo, 4),
+        "plain_median_s": round(mp, 4),
+        "ratio": round(mo / mp, 3),
+        "params": sum(p.numel() for p in unet.parameters()),
     }
     if lit:
         ml = statistics.median(lit)
@@ -134,8 +146,11 @@ def main() -> None:
     p.add_argument("--block", type=int, default=5)
     p.add_argument("--limit", type=int, default=8192, help="MNIST training images kept in memory")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--lightning-arm", action="store_true",
-                   help="a third arm: the plain step as a LightningModule, same Trainer (A B C A B C ...)")
+    p.add_argument(
+        "--lightning-arm",
+        action="store_true",
+        help="a third arm: the plain step as a LightningModule, same Trainer (A B C A B C ...)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = [bench(preset, args) for preset in args.presets.split(",")]
@@ -143,13 +158,17 @@ def main() -> None:
         print(json.dumps(r))
     lit = any("lightning_ratio" in r for r in rows)
     extra = (" plain step in Lightning (s/step) | its ratio |", "---|---|") if lit else ("", "")
-    print(f"\n| UNet preset | image | params | batch | steps / arm | ours (s/step) | plain diffusers (s/step) | ratio |"
-          f"{extra[0]}")
+    print(
+        f"\n| UNet preset | image | params | batch | steps / arm | ours (s/step) | plain diffusers (s/step) | ratio |"
+        f"{extra[0]}"
+    )
     print("|---|---|---|---|---|---|---|---|" + extra[1])
     for r in rows:
-        cells = (f" {r['plain_in_lightning_median_s']:.4f} | {r['lightning_ratio']:.3f} |" if lit else "")
-        print(f"| {r['preset']} | {r['image']} | {r['params']:,} | {r['batch']} | {r['steps_per_arm']} | "
-              f"{r['ours_median_s']:.4f} | {r['plain_median_s']:.4f} | {r['ratio']:.3f} |{cells}")
+        cells = f" {r['plain_in_lightning_median_s']:.4f} | {r['lightning_ratio']:.3f} |" if lit else ""
+        print(
+            f"| {r['preset']} | {r['image']} | {r['params']:,} | {r['batch']} | {r['steps_per_arm']} | "
+            f"{r['ours_median_s']:.4f} | {r['plain_median_s']:.4f} | {r['ratio']:.3f} |{cells}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,17 +42,40 @@ def run_one(cfg: dict) -> dict:
     from lightning_mtl.callbacks import MultiTaskGradient
 
     L.seed_everything(cfg["seed"], verbose=False)
-    dm = TextDataModule(cfg["data"], vocab="byte", seq_len=cfg["train_len"], batch_size=cfg["batch"],
-                        steps_per_epoch=cfg["steps"], seed=cfg["seed"])
-    model = GAULanguageModel(dim=cfg["dim"], depth=cfg["depth"], qk_dim=cfg["qk_dim"], attention=cfg["attention"],
-                             length=cfg["length"], aux=cfg["aux"] != "none", lr=cfg["lr"],
-                             warmup_steps=cfg["warmup"], max_steps=cfg["steps"])
+    dm = TextDataModule(
+        cfg["data"],
+        vocab="byte",
+        seq_len=cfg["train_len"],
+        batch_size=cfg["batch"],
+        steps_per_epoch=cfg["steps"],
+        seed=cfg["seed"],
+    )
+    model = GAULanguageModel(
+        dim=cfg["dim"],
+        depth=cfg["depth"],
+        qk_dim=cfg["qk_dim"],
+        attention=cfg["attention"],
+        length=cfg["length"],
+        aux=cfg["aux"] != "none",
+        lr=cfg["lr"],
+        warmup_steps=cfg["warmup"],
+        max_steps=cfg["steps"],
+    )
     callbacks = []
     if cfg["aux"] == "primary":
         callbacks.append(MultiTaskGradient(mtl.PrimaryAuxiliary(primary="lm"), validate=False))
-    trainer = L.Trainer(max_steps=cfg["steps"], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
-                        accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=cfg["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+    )
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     train_s = time.perf_counter() - t0
@@ -68,7 +91,8 @@ def _table_length(results: list[dict], eval_lens: list[int]) -> str:
     for r in results:
         groups.setdefault((r["train_len"], r["attention"], r["length"]), []).append(r)
     lines = [
-        "| train n | attention (n in relu²/n, log n) | seeds | " + " | ".join(f"n={n}" for n in eval_lens)
+        "| train n | attention (n in relu²/n, log n) | seeds | "
+        + " | ".join(f"n={n}" for n in eval_lens)
         + " | 8× / 1× |",
         "|---|---|---|" + "---|" * len(eval_lens) + "---|",
     ]
@@ -106,8 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-lens", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds at the first training length")
     p.add_argument("--other-seeds", nargs="+", type=int, default=[0], help="seeds at the other training lengths")
-    p.add_argument("--total", nargs="*", default=["relu2", "softmax_plus"],
-                   help="also run these with length='total' (first training length, first seed)")
+    p.add_argument(
+        "--total",
+        nargs="*",
+        default=["relu2", "softmax_plus"],
+        help="also run these with length='total' (first training length, first seed)",
+    )
     p.add_argument("--eval-lens", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--steps", type=int, default=300)
@@ -124,26 +152,57 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--md", default=None)
     a = p.parse_args(argv)
 
-    base = dict(data=a.data, eval_lens=a.eval_lens, eval_tokens=a.eval_tokens, steps=a.steps, batch=a.batch,
-                dim=a.dim, depth=a.depth, qk_dim=a.qk_dim, lr=a.lr, warmup=a.warmup, threads=a.threads)
+    base = dict(
+        data=a.data,
+        eval_lens=a.eval_lens,
+        eval_tokens=a.eval_tokens,
+        steps=a.steps,
+        batch=a.batch,
+        dim=a.dim,
+        depth=a.depth,
+        qk_dim=a.qk_dim,
+        lr=a.lr,
+        warmup=a.warmup,
+        threads=a.threads,
+    )
     cfgs = []
     if a.study == "length":
         for i, tl in enumerate(a.train_lens):
             for seed in a.seeds if i == 0 else a.other_seeds:
                 for att in a.attentions:
-                    cfgs.append({**base, "train_len": tl, "seed": seed, "attention": att, "length": "visible",
-                                 "aux": "none"})
+                    cfgs.append(
+                        {**base, "train_len": tl, "seed": seed, "attention": att, "length": "visible", "aux": "none"}
+                    )
         for att in a.total:
-            cfgs.append({**base, "train_len": a.train_lens[0], "seed": a.seeds[0], "attention": att,
-                         "length": "total", "aux": "none"})
+            cfgs.append(
+                {
+                    **base,
+                    "train_len": a.train_lens[0],
+                    "seed": a.seeds[0],
+                    "attention": att,
+                    "length": "total",
+                    "aux": "none",
+                }
+            )
     else:
         for seed in a.seeds:
             for aux in ("none", "sum", "primary"):
-                cfgs.append({**base, "train_len": a.aux_len, "seed": seed, "attention": "softmax_plus",
-                             "length": "visible", "aux": aux, "eval_lens": [a.aux_len]})
+                cfgs.append(
+                    {
+                        **base,
+                        "train_len": a.aux_len,
+                        "seed": seed,
+                        "attention": "softmax_plus",
+                        "length": "visible",
+                        "aux": aux,
+                        "eval_lens": [a.aux_len],
+                    }
+                )
     out = Path(a.out or f"benchmarks/gau_{a.study}.json")
-    print(f"{len(cfgs)} runs on {a.workers} worker(s) x {a.threads} thread(s); {a.steps} steps x {a.batch} windows",
-          flush=True)
+    print(
+        f"{len(cfgs)} runs on {a.workers} worker(s) x {a.threads} thread(s); {a.steps} steps x {a.batch} windows",
+        flush=True,
+    )
     t0 = time.perf_counter()
     results: list[dict] = []
     with ProcessPoolExecutor(a.workers, mp_context=get_context("spawn")) as pool:
@@ -151,16 +210,22 @@ def main(argv: list[str] | None = None) -> None:
         for f in as_completed(futures):
             r = f.result()
             results.append(r)
-            print(f"[{time.perf_counter() - t0:6.0f}s] {r['attention']:>12} ({r['length']}) n={r['train_len']} "
-                  f"seed={r['seed']} aux={r['aux']}: " + " ".join(f"{k}:{v:.3f}" for k, v in r["bpc"].items())
-                  + f"  (train {r['train_s']:.0f}s, eval {r['eval_s']:.0f}s)", flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.0f}s] {r['attention']:>12} ({r['length']}) n={r['train_len']} "
+                f"seed={r['seed']} aux={r['aux']}: "
+                + " ".join(f"{k}:{v:.3f}" for k, v in r["bpc"].items())
+                + f"  (train {r['train_s']:.0f}s, eval {r['eval_s']:.0f}s)",
+                flush=True,
+            )
             out.write_text(json.dumps(results, indent=1))
     wall = time.perf_counter() - t0
     table = _table_length(results, a.eval_lens) if a.study == "length" else _table_aux(results)
     cmd = "python benchmarks/gau_length.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"{table}\n\n`{cmd}` — {len(cfgs)} runs, wall {wall / 60:.1f} min on {os.cpu_count()} shared cores "
-            f"({a.workers} workers x {a.threads} thread); model d={a.dim}, {a.depth} layers, s={a.qk_dim}; "
-            f"{a.steps} steps x {a.batch} windows, lr {a.lr}, byte vocabulary, data {Path(a.data).name}.")
+    text = (
+        f"{table}\n\n`{cmd}` — {len(cfgs)} runs, wall {wall / 60:.1f} min on {os.cpu_count()} shared cores "
+        f"({a.workers} workers x {a.threads} thread); model d={a.dim}, {a.depth} layers, s={a.qk_dim}; "
+        f"{a.steps} steps x {a.batch} windows, lr {a.lr}, byte vocabulary, data {Path(a.data).name}."
+    )
     print(text)
     if a.md:
         _replace(Path(a.md), f"gau_{a.study}", text)

@@ -62,8 +62,9 @@ class CausalTransformer(nn.Module):
 
     def __init__(self, dim: int, depth: int = 4, heads: int = 4, ffn: int = 1024) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(dim, heads, ffn, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, ffn, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self._masks: dict[int, Tensor] = {}
 
@@ -79,8 +80,9 @@ def flash_stack(dim: int, depth: int, qk_dim: int) -> nn.Module | None:
         from flash_pytorch import GAU as FlashGAU
     except ImportError:
         return None
-    return nn.Sequential(*[FlashGAU(dim=dim, query_key_dim=qk_dim, expansion_factor=2.0, causal=True)
-                           for _ in range(depth)])
+    return nn.Sequential(
+        *[FlashGAU(dim=dim, query_key_dim=qk_dim, expansion_factor=2.0, causal=True) for _ in range(depth)]
+    )
 
 
 def n_params(m: nn.Module) -> int:
@@ -89,8 +91,9 @@ def n_params(m: nn.Module) -> int:
 
 def models(dim: int, gau_depth: int, qk_dim: int, tf_depth: int, tf_ffn: int, max_len: int) -> dict[str, nn.Module]:
     out = {
-        "ours softmax_plus": LM(GAUStack(dim, gau_depth, attention="softmax_plus", qk_dim=qk_dim), dim,
-                                final_norm=False),
+        "ours softmax_plus": LM(
+            GAUStack(dim, gau_depth, attention="softmax_plus", qk_dim=qk_dim), dim, final_norm=False
+        ),
         "ours relu2": LM(GAUStack(dim, gau_depth, attention="relu2", qk_dim=qk_dim), dim, final_norm=False),
     }
     flash = flash_stack(dim, gau_depth, qk_dim)
@@ -122,8 +125,11 @@ def part_speed(a: argparse.Namespace) -> str:
                 dt = time.perf_counter() - t0
                 if rep >= a.warmup:
                     times[k].append(dt)
-            print(f"n={n} rep {rep}: " + " ".join(f"{k}={times[k][-1] if times[k] else float('nan'):.2f}s"
-                                                  for k in names), flush=True)
+            print(
+                f"n={n} rep {rep}: "
+                + " ".join(f"{k}={times[k][-1] if times[k] else float('nan'):.2f}s" for k in names),
+                flush=True,
+            )
         rows[n] = {k: a.batch * n / statistics.median(v) for k, v in times.items()}
         # ratios step by step within each round (neighbours in time see about the same machine load)
         for k in names:
@@ -173,8 +179,9 @@ def part_quality(a: argparse.Namespace) -> str:
     dm = TextDataModule(a.data, seq_len=n - 1, batch_size=a.batch, steps_per_epoch=10**6, seed=0)
     # extra = 1 in the windows: the training loader yields n + 1 tokens = inputs n, targets n
     ms = {
-        "GAU LM (softmax_plus)": LM(GAUStack(a.q_dim, a.q_gau_depth, attention="softmax_plus", qk_dim=a.q_qk_dim),
-                                    a.q_dim, final_norm=False),
+        "GAU LM (softmax_plus)": LM(
+            GAUStack(a.q_dim, a.q_gau_depth, attention="softmax_plus", qk_dim=a.q_qk_dim), a.q_dim, final_norm=False
+        ),
         "Transformer LM": LM(CausalTransformer(a.q_dim, a.tf_depth, 4, 4 * a.q_dim), a.q_dim, positions=n),
     }
     opts = {k: torch.optim.AdamW(m.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.1) for k, m in ms.items()}

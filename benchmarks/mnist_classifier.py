@@ -34,8 +34,12 @@ class MnistFeatures(nn.Module):
         super().__init__()
         self.size = size
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(64 * 16, self.num_features)
         self.head = nn.Linear(self.num_features, 10)

@@ -53,10 +53,10 @@ def main() -> None:
     if args.snli:
         train["snli"] = args.snli
         holdout["snli"] = args.holdout
-    data = SentencePairDataModule(train=train, val={"stsb": str(data_dir / "sts-dev.tsv")}, holdout=holdout,
-                                  batch_size=args.batch_size)
-    model = CoSENTEncoder(args.model, pooling=args.pooling, scale=args.scale, lr=args.lr,
-                          max_length=args.max_length)
+    data = SentencePairDataModule(
+        train=train, val={"stsb": str(data_dir / "sts-dev.tsv")}, holdout=holdout, batch_size=args.batch_size
+    )
+    model = CoSENTEncoder(args.model, pooling=args.pooling, scale=args.scale, lr=args.lr, max_length=args.max_length)
     callbacks = []
     if args.weighting == "gradnormalize":
         if not args.snli:
@@ -65,9 +65,16 @@ def main() -> None:
         from lightning_mtl.callbacks import MultiTaskGradient
 
         callbacks.append(MultiTaskGradient(GradNormalize()))
-    trainer = L.Trainer(max_epochs=args.epochs, devices=1, gradient_clip_val=1.0, callbacks=callbacks,
-                        limit_train_batches=args.limit_train_batches, enable_checkpointing=False,
-                        default_root_dir=args.output_dir, log_every_n_steps=20)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        devices=1,
+        gradient_clip_val=1.0,
+        callbacks=callbacks,
+        limit_train_batches=args.limit_train_batches,
+        enable_checkpointing=False,
+        default_root_dir=args.output_dir,
+        log_every_n_steps=20,
+    )
     if not args.no_zero_shot:
         before = trainer.validate(model, data, verbose=False)[0]
     trainer.fit(model, data)  # validates at the end of every epoch

@@ -47,18 +47,26 @@ def main() -> None:
     args = p.parse_args()
 
     L.seed_everything(args.seed)
-    dm = ImageDataModule("mnist" if args.mnist else "digits", root=args.mnist, image_size=args.size,
-                         batch_size=args.batch_size)
+    dm = ImageDataModule(
+        "mnist" if args.mnist else "digits", root=args.mnist, image_size=args.size, batch_size=args.batch_size
+    )
     size = args.size or (28 if args.mnist else 8)
     preset = {28: "mnist28", 14: "mnist14", 8: "digits8"}.get(size)
     if preset is None:
         raise SystemExit(f"--size {size}: use 28, 14 or 8 (the UNet presets).")
-    model = DDPM(preset=preset, lr=args.lr, prediction_type=args.prediction_type, beta_schedule=args.beta_schedule,
-                 snr_gamma=args.snr_gamma, timestep_buckets=args.timestep_buckets)
+    model = DDPM(
+        preset=preset,
+        lr=args.lr,
+        prediction_type=args.prediction_type,
+        beta_schedule=args.beta_schedule,
+        snr_gamma=args.snr_gamma,
+        timestep_buckets=args.timestep_buckets,
+    )
     out = Path(args.output_dir)
-    callbacks = [EMAWeightAveraging(decay=args.ema_decay),
-                 SampleGrid(every_n_epochs=args.grid_every, num_samples=64, steps=50, dirpath=str(out / "samples"),
-                            scale=4)]
+    callbacks = [
+        EMAWeightAveraging(decay=args.ema_decay),
+        SampleGrid(every_n_epochs=args.grid_every, num_samples=64, steps=50, dirpath=str(out / "samples"), scale=4),
+    ]
     if args.gradnormalize:
         if args.timestep_buckets < 2:
             raise SystemExit("--gradnormalize needs --timestep-buckets K with K >= 2.")
@@ -66,9 +74,15 @@ def main() -> None:
         from lightning_mtl.callbacks import MultiTaskGradient
 
         callbacks.append(MultiTaskGradient(GradNormalize()))
-    trainer = L.Trainer(max_steps=args.max_steps, accelerator=args.accelerator, devices=args.devices,
-                        precision=args.precision, default_root_dir=str(out), callbacks=callbacks,
-                        log_every_n_steps=25)
+    trainer = L.Trainer(
+        max_steps=args.max_steps,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        precision=args.precision,
+        default_root_dir=str(out),
+        callbacks=callbacks,
+        log_every_n_steps=25,
+    )
     trainer.fit(model, dm)
     if trainer.is_global_zero:
         # after fit the EMA weights are the model's weights

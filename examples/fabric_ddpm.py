@@ -55,8 +55,9 @@ def main() -> None:
     optimizer = torch.optim.AdamW(ddpm.unet.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6)
     model, optimizer = fabric.setup(ddpm, optimizer)
     model.mark_forward_method("losses")
-    loader = fabric.setup_dataloaders(DataLoader(TensorDataset(data), batch_size=args.batch_size, shuffle=True,
-                                                 drop_last=True))
+    loader = fabric.setup_dataloaders(
+        DataLoader(TensorDataset(data), batch_size=args.batch_size, shuffle=True, drop_last=True)
+    )
     ema = AveragedModel(ddpm.unet, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
     engine = None
     if args.gradnormalize:

@@ -40,32 +40,63 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=120.0, help="stop training after this long")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-mtl", action="store_true", help="train on the plain sum lm + aux (no gradient callback)")
-    p.add_argument("--mode", choices=["representation", "parameter"], default="representation",
-                   help="MultiTaskGradient mode: per-task gradients of the shared features h (about the cost of a "
-                        "plain step) or of every shared parameter (exact; one extra backward pass)")
+    p.add_argument(
+        "--mode",
+        choices=["representation", "parameter"],
+        default="representation",
+        help="MultiTaskGradient mode: per-task gradients of the shared features h (about the cost of a "
+        "plain step) or of every shared parameter (exact; one extra backward pass)",
+    )
     p.add_argument("--prompt", default="The ")
     p.add_argument("--sample-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 is fastest for this small model on a busy machine)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest for this small model on a busy machine)"
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     L.seed_everything(a.seed, verbose=False)
 
-    dm = TextDataModule(a.data, vocab=a.vocab, seq_len=a.seq_len, batch_size=a.batch_size, steps_per_epoch=a.steps,
-                        max_val_windows=32, seed=a.seed)
-    model = GAULanguageModel(vocab=dm.vocab, dim=a.dim, depth=a.depth, qk_dim=a.qk_dim, attention=a.attention,
-                             lr=a.lr, warmup_steps=min(100, a.steps // 10), max_steps=a.steps)
+    dm = TextDataModule(
+        a.data,
+        vocab=a.vocab,
+        seq_len=a.seq_len,
+        batch_size=a.batch_size,
+        steps_per_epoch=a.steps,
+        max_val_windows=32,
+        seed=a.seed,
+    )
+    model = GAULanguageModel(
+        vocab=dm.vocab,
+        dim=a.dim,
+        depth=a.depth,
+        qk_dim=a.qk_dim,
+        attention=a.attention,
+        lr=a.lr,
+        warmup_steps=min(100, a.steps // 10),
+        max_steps=a.steps,
+    )
     callbacks = [] if a.no_mtl else [MultiTaskGradient(mtl.PrimaryAuxiliary(primary="lm"), mode=a.mode, validate=False)]
-    trainer = L.Trainer(max_steps=a.steps, max_time={"seconds": a.max_seconds}, callbacks=callbacks, logger=False,
-                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=a.steps,
+        max_time={"seconds": a.max_seconds},
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     seconds = time.perf_counter() - t0
     bpc = model.bits_per_character(dm.val_dataloader())
-    print(f"\n{trainer.global_step} steps in {seconds:.0f} s; held-out bits per character: {bpc:.3f} "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {a.attention})")
+    print(
+        f"\n{trainer.global_step} steps in {seconds:.0f} s; held-out bits per character: {bpc:.3f} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {a.attention})"
+    )
     print("-" * 80)
     print(model.generate(a.prompt, a.sample_tokens, temperature=0.8, top_k=20, seed=a.seed, context=a.seq_len))
     print("-" * 80)

@@ -323,9 +323,7 @@ class DDPM(pl.LightningModule):
         """Per-image losses :math:`\\ell_i` (float32, shape ``(B,)``) and the timesteps used."""
         x0 = x0.float()
         if x0.shape[1:] != self.image_shape:
-            raise ValueError(
-                f"DDPM: images of shape {tuple(x0.shape[1:])}, the UNet takes {self.image_shape}."
-            )
+            raise ValueError(f"DDPM: images of shape {tuple(x0.shape[1:])}, the UNet takes {self.image_shape}.")
         sch = self.noise_scheduler
         if noise is None:
             noise = torch.randn_like(x0)
@@ -383,9 +381,7 @@ class DDPM(pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
-        )
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         if hp.warmup_steps == 0 and hp.lr_schedule == "constant":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1) if hp.lr_schedule == "cosine" else 0
@@ -403,9 +399,7 @@ class DDPM(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --------------------------------------------------------------------------------------------------------
-    def inference_scheduler(
-        self, scheduler: Literal["ddpm", "ddim"] = "ddpm"
-    ) -> DDPMScheduler | DDIMScheduler:
+    def inference_scheduler(self, scheduler: Literal["ddpm", "ddim"] = "ddpm") -> DDPMScheduler | DDIMScheduler:
         """A fresh ``DDPMScheduler`` or ``DDIMScheduler`` with this model's training configuration."""
         if scheduler == "ddpm":
             return DDPMScheduler.from_config(self.noise_scheduler.config)
@@ -438,13 +432,9 @@ class DDPM(pl.LightningModule):
         if n < 1:
             raise ValueError(f"sample(n=...) must be >= 1, got {n}.")
         sch = self.inference_scheduler(scheduler)
-        steps = (
-            steps if steps is not None else (sch.config.num_train_timesteps if scheduler == "ddpm" else 50)
-        )
+        steps = steps if steps is not None else (sch.config.num_train_timesteps if scheduler == "ddpm" else 50)
         if not 1 <= steps <= sch.config.num_train_timesteps:
-            raise ValueError(
-                f"sample(steps=...) must be in [1, {sch.config.num_train_timesteps}], got {steps}."
-            )
+            raise ValueError(f"sample(steps=...) must be in [1, {sch.config.num_train_timesteps}], got {steps}.")
         batch_size = batch_size or n
         was_training = self.unet.training
         self.unet.eval()
@@ -454,9 +444,7 @@ class DDPM(pl.LightningModule):
             with ema_weights(self) if use_ema else _nullcontext():
                 for start in range(0, n, batch_size):
                     b = min(batch_size, n - start)
-                    x = randn_tensor(
-                        (b, *self.image_shape), generator=generator, device=device, dtype=dtype
-                    )
+                    x = randn_tensor((b, *self.image_shape), generator=generator, device=device, dtype=dtype)
                     x = x.float()
                     sch.set_timesteps(steps, device=device)
                     for t in sch.timesteps:
@@ -470,9 +458,7 @@ class DDPM(pl.LightningModule):
 
     def to_pipeline(self, scheduler: Literal["ddpm", "ddim"] = "ddpm") -> DDPMPipeline:
         """A diffusers ``DDPMPipeline`` on a copy of this UNet (current weights) and a fresh scheduler."""
-        return DDPMPipeline(
-            unet=copy.deepcopy(self.unet).float().eval(), scheduler=self.inference_scheduler(scheduler)
-        )
+        return DDPMPipeline(unet=copy.deepcopy(self.unet).float().eval(), scheduler=self.inference_scheduler(scheduler))
 
     def save_pretrained(self, path: str | Path, scheduler: Literal["ddpm", "ddim"] = "ddpm") -> None:
         """Write a ``DDPMPipeline`` directory (``DDPMPipeline.from_pretrained(path)`` loads it).
@@ -571,9 +557,7 @@ class SampleGrid(Callback):
         if num_samples < 1:
             raise MisconfigurationException(f"SampleGrid(num_samples=...) must be >= 1, got {num_samples}.")
         if scheduler not in ("ddpm", "ddim"):
-            raise MisconfigurationException(
-                f"SampleGrid(scheduler=...) must be 'ddpm' or 'ddim', got {scheduler!r}."
-            )
+            raise MisconfigurationException(f"SampleGrid(scheduler=...) must be 'ddpm' or 'ddim', got {scheduler!r}.")
         if steps < 1:
             raise MisconfigurationException(f"SampleGrid(steps=...) must be >= 1, got {steps}.")
         self.every_n_epochs, self.num_samples, self.steps = every_n_epochs, num_samples, steps
@@ -608,9 +592,7 @@ class SampleGrid(Callback):
             self.num_samples, self.steps, self.scheduler, generator, use_ema=self.use_ema
         )
         grid = make_grid(images.cpu(), self.nrow)
-        path = (
-            self._dir(trainer) / f"samples_epoch{trainer.current_epoch:04d}_step{trainer.global_step}.png"
-        )
+        path = self._dir(trainer) / f"samples_epoch{trainer.current_epoch:04d}_step{trainer.global_step}.png"
         self.save_grid(trainer, grid, path)
 
     def save_grid(self, trainer: pl.Trainer, grid: Tensor, path: Path) -> None:

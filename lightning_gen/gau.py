@@ -173,8 +173,9 @@ class GAU(nn.Module):
 
     def _rotary(self, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
         key = ("rot", n, like.device, like.dtype)
-        return self._cached(key, lambda: rotary_cos_sin(n, self.rotary_dim, base=self.rotary_base,
-                                                        device=like.device, dtype=like.dtype))
+        return self._cached(
+            key, lambda: rotary_cos_sin(n, self.rotary_dim, base=self.rotary_base, device=like.device, dtype=like.dtype)
+        )
 
     def _row_lengths(self, n: int, mask: Tensor | None, like: Tensor) -> Tensor:
         """n_i for every row: ``(n,)`` without a mask, ``(batch, n)`` with one (always ≥ 1)."""
@@ -219,8 +220,11 @@ class GAU(nn.Module):
                 outs.append(_Relu2Attention.apply(qb, kb, vb, weight))
             else:
                 am = None if allowed is None else (allowed if mask is None else allowed.unsqueeze(1))
-                outs.append(F.scaled_dot_product_attention(qb.unsqueeze(1), kb.unsqueeze(1), vb.unsqueeze(1),
-                                                           attn_mask=am, scale=1.0).squeeze(1))
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        qb.unsqueeze(1), kb.unsqueeze(1), vb.unsqueeze(1), attn_mask=am, scale=1.0
+                    ).squeeze(1)
+                )
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _allowed_block(self, start: int, stop: int, keys: int, n: int, mask: Tensor | None, device) -> Tensor | None:
@@ -229,8 +233,10 @@ class GAU(nn.Module):
         With a padding mask a query always sees itself, so a fully padded row stays finite (its output is zeroed)."""
         causal = None
         if self.causal:
-            causal = self._cached(("causal", start, stop, keys, device), lambda: torch.ones(
-                stop - start, keys, dtype=torch.bool, device=device).tril(start))
+            causal = self._cached(
+                ("causal", start, stop, keys, device),
+                lambda: torch.ones(stop - start, keys, dtype=torch.bool, device=device).tril(start),
+            )
         if mask is None:
             return causal
         eye = self._cached(("eye", start, stop, keys, device), lambda: _diag(start, stop, keys, device))

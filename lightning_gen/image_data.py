@@ -67,9 +67,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(
-            f"{path}: truncated IDX header ({len(raw)} bytes, {header} needed for {ndim} dimensions)."
-        )
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, {header} needed for {ndim} dimensions).")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = int(np.prod(shape)) * dtype.itemsize
@@ -77,15 +75,12 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if got != expected:
         kind = "truncated" if got < expected else "longer than its header says"
         raise ValueError(
-            f"{path} is {kind}: the header announces shape {tuple(shape)} ({expected} data bytes), "
-            f"the file has {got}."
+            f"{path} is {kind}: the header announces shape {tuple(shape)} ({expected} data bytes), the file has {got}."
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def load_mnist(
-    root: str | os.PathLike[str], split: Literal["train", "test"] = "train"
-) -> tuple[Tensor, Tensor]:
+def load_mnist(root: str | os.PathLike[str], split: Literal["train", "test"] = "train") -> tuple[Tensor, Tensor]:
     """MNIST images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 from ``root`` (``*.gz`` or
     uncompressed)."""
     if split not in _MNIST_FILES:
@@ -105,8 +100,7 @@ def load_mnist(
     images, labels = arrays
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(
-            f"MNIST {split} in {root}: images of shape {images.shape} do not match labels of shape "
-            f"{labels.shape}."
+            f"MNIST {split} in {root}: images of shape {images.shape} do not match labels of shape {labels.shape}."
         )
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
@@ -133,11 +127,7 @@ def resize_images(images: Tensor, size: int | None) -> Tensor:
     if images.dtype == torch.uint8:
         x = x / 255.0
     if size is not None and x.shape[-1] != size:
-        x = (
-            F.adaptive_avg_pool2d(x, size)
-            if size < x.shape[-1]
-            else F.interpolate(x, size, mode="bilinear")
-        )
+        x = F.adaptive_avg_pool2d(x, size) if size < x.shape[-1] else F.interpolate(x, size, mode="bilinear")
     return x.mul(2.0).sub(1.0).clamp(-1.0, 1.0).contiguous()
 
 
@@ -177,9 +167,7 @@ class ImageDataModule(pl.LightningDataModule):
         if dataset not in ("digits", "mnist"):
             raise ValueError(f"ImageDataModule(dataset=...) must be 'digits' or 'mnist', got {dataset!r}.")
         if dataset == "mnist" and root is None:
-            raise ValueError(
-                "ImageDataModule(dataset='mnist') needs `root`, the directory with the MNIST IDX files."
-            )
+            raise ValueError("ImageDataModule(dataset='mnist') needs `root`, the directory with the MNIST IDX files.")
         if batch_size < 1:
             raise ValueError(f"ImageDataModule(batch_size=...) must be >= 1, got {batch_size}.")
         if image_size is not None and image_size < 1:

@@ -43,8 +43,12 @@ class BitsPerCharacter(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                              ignore_index=self.ignore_index, reduction="sum")
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            target.reshape(-1),
+            ignore_index=self.ignore_index,
+            reduction="sum",
+        )
         self.nll += nll.double()
         self.count += (target != self.ignore_index).sum()
 
@@ -121,8 +125,18 @@ class GAULanguageModel(pl.LightningModule):
         self.embed = nn.Embedding(self.tokenizer.size, dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.drop = nn.Dropout(dropout)
-        self.trunk = GAUStack(dim, depth, norm=norm, attention=attention, qk_dim=qk_dim, expansion=expansion,
-                              n_ref=n_ref, length=length, dropout=dropout, causal=True)
+        self.trunk = GAUStack(
+            dim,
+            depth,
+            norm=norm,
+            attention=attention,
+            qk_dim=qk_dim,
+            expansion=expansion,
+            n_ref=n_ref,
+            length=length,
+            dropout=dropout,
+            causal=True,
+        )
         self.aux_head = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if aux else None
         self.train_bpc, self.val_bpc, self.val_aux_bpc = BitsPerCharacter(), BitsPerCharacter(), BitsPerCharacter()
 
@@ -193,7 +207,8 @@ class GAULanguageModel(pl.LightningModule):
         rest = [p for n, p in self.named_parameters() if p.ndim < 2 or n.startswith("embed")]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas),
+            lr=hp.lr,
+            betas=tuple(hp.betas),
         )
         total = hp.max_steps
         if total is None:

@@ -142,13 +142,16 @@ class TextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = Windows(self.train_tokens, self.seq_len + 2)
         generator = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(data, replacement=True, num_samples=self.steps_per_epoch * self.batch_size,
-                                generator=generator)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=True)
+        sampler = RandomSampler(
+            data, replacement=True, num_samples=self.steps_per_epoch * self.batch_size, generator=generator
+        )
+        return DataLoader(
+            data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True
+        )
 
-    def eval_dataloader(self, length: int, *, max_windows: int | None = None, batch_size: int | None = None,
-                        extra: int = 2) -> DataLoader:
+    def eval_dataloader(
+        self, length: int, *, max_windows: int | None = None, batch_size: int | None = None, extra: int = 2
+    ) -> DataLoader:
         """Consecutive non-overlapping held-out windows of ``length + extra`` tokens (for any evaluation length)."""
         data = Windows(self.val_tokens, length + extra, stride=length + extra)
         if max_windows is not None and len(data) > max_windows:

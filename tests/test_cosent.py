@@ -21,8 +21,10 @@ from lightning_mtl.cosent import CoSENTEncoder, SentencePairDataModule
 from lightning_mtl.losses import cosent_loss, pairwise_cosine
 from lightning_mtl.sentence_data import DataFormatError, read_hf_pairs, read_pair_file
 
-WORDS = ("a man woman child dog cat is are plays play playing runs running eats eating food ball guitar piano "
-         "the on in park street sits sitting sleeps sleeping red blue big small").split()
+WORDS = (
+    "a man woman child dog cat is are plays play playing runs running eats eating food ball guitar piano "
+    "the on in park street sits sitting sleeps sleeping red blue big small"
+).split()
 
 STS_ROWS = [
     ("a man plays the guitar", "a man is playing the guitar", 5.0),
@@ -60,9 +62,16 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     BertModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
@@ -83,8 +92,15 @@ def write_nli(path: Path, rows=NLI_ROWS, extra: str = "") -> Path:
 
 
 def trainer(**kw) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0)
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     args.update(kw)
     return L.Trainer(**args)
 
@@ -100,8 +116,7 @@ def test_two_training_steps_lower_the_loss(tiny_bert: str, tmp_path: Path) -> No
     L.seed_everything(0)
     model = CoSENTEncoder(tiny_bert, lr=1e-3, warmup_ratio=0.0)
     before = full_batch_loss(model)
-    data = SentencePairDataModule(train={"sts": str(write_sts(tmp_path / "train.tsv"))},
-                                  batch_size=len(STS_ROWS))
+    data = SentencePairDataModule(train={"sts": str(write_sts(tmp_path / "train.tsv"))}, batch_size=len(STS_ROWS))
     trainer(max_steps=2, limit_val_batches=0).fit(model, data)
     after = full_batch_loss(model)
     assert after < before - 1e-3, (before, after)
@@ -116,7 +131,10 @@ def test_multitask_sts_and_nli_with_gradnormalize(tiny_bert: str, tmp_path: Path
     model = CoSENTEncoder(tiny_bert, lr=1e-3, pooling="cls")
     data = SentencePairDataModule(
         train={"sts": str(write_sts(tmp_path / "sts.tsv")), "nli": str(write_nli(tmp_path / "nli.tsv"))},
-        val={"sts": str(tmp_path / "sts.tsv")}, holdout={"nli": 4}, batch_size={"sts": 6, "nli": 4})
+        val={"sts": str(tmp_path / "sts.tsv")},
+        holdout={"nli": 4},
+        batch_size={"sts": 6, "nli": 4},
+    )
     callback = MultiTaskGradient(GradNormalize(), mode=mode)
     t = trainer(max_steps=2, callbacks=[callback], log_every_n_steps=1)
     t.fit(model, data)
@@ -221,10 +239,16 @@ def test_dropped_lines_are_counted_in_the_log(tmp_path: Path, caplog: pytest.Log
 
 def test_hf_nli_class_labels_are_remapped(monkeypatch: pytest.MonkeyPatch) -> None:
     datasets = pytest.importorskip("datasets")
-    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
-    ds = datasets.Dataset.from_dict({"premise": ["a", "b", "c", "d"], "hypothesis": ["w", "x", "y", "z"],
-                                     "label": [0, 1, 2, -1]}, features=features)
+    features = datasets.Features(
+        {
+            "premise": datasets.Value("string"),
+            "hypothesis": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"premise": ["a", "b", "c", "d"], "hypothesis": ["w", "x", "y", "z"], "label": [0, 1, 2, -1]}, features=features
+    )
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or ds)
     pairs = read_hf_pairs("hf:stanfordnlp/snli@plain_text:validation")
@@ -252,13 +276,26 @@ def test_configs_parse(name: str, tiny_bert: str, tmp_path: Path) -> None:
 
     config = Path(__file__).resolve().parent.parent / "configs" / name
     sts, nli = write_sts(tmp_path / "sts.tsv"), write_nli(tmp_path / "nli.tsv")
-    args = ["--config", str(config), f"--model.init_args.model_name_or_path={tiny_bert}",
-            f"--data.init_args.train.stsb={sts}", f"--data.init_args.val.stsb={sts}",
-            f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
+    args = [
+        "--config",
+        str(config),
+        f"--model.init_args.model_name_or_path={tiny_bert}",
+        f"--data.init_args.train.stsb={sts}",
+        f"--data.init_args.val.stsb={sts}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+    ]
     if "multitask" in name:
         args += [f"--data.init_args.train.snli={nli}", "--data.init_args.holdout.snli=2"]
-    cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-                       subclass_mode_data=True, run=False, args=args, save_config_callback=None)
+    cli = LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        save_config_callback=None,
+    )
     assert isinstance(cli.model, CoSENTEncoder) and isinstance(cli.datamodule, SentencePairDataModule)
     if "multitask" in name:
         from lightning_mtl.callbacks import MultiTaskGradient
@@ -266,8 +303,9 @@ def test_configs_parse(name: str, tiny_bert: str, tmp_path: Path) -> None:
         assert any(isinstance(c, MultiTaskGradient) for c in cli.trainer.callbacks)
 
 
-def test_example_script_trains_and_saves(tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_example_script_trains_and_saves(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import runpy
 
     write_sts(tmp_path / "sts-train.tsv")
@@ -275,10 +313,30 @@ def test_example_script_trains_and_saves(tiny_bert: str, tmp_path: Path, monkeyp
     nli = write_nli(tmp_path / "nli.tsv")
     script = Path(__file__).resolve().parent.parent / "examples" / "cosent_sts.py"
     out = tmp_path / "out"
-    monkeypatch.setattr("sys.argv", ["cosent_sts.py", "--data", str(tmp_path), "--output-dir", str(out),
-                                     "--model", tiny_bert, "--snli", str(nli), "--holdout", "3",
-                                     "--weighting", "gradnormalize", "--batch-size", "4", "--limit-train-batches",
-                                     "2", "--lr", "1e-3"])
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "cosent_sts.py",
+            "--data",
+            str(tmp_path),
+            "--output-dir",
+            str(out),
+            "--model",
+            tiny_bert,
+            "--snli",
+            str(nli),
+            "--holdout",
+            "3",
+            "--weighting",
+            "gradnormalize",
+            "--batch-size",
+            "4",
+            "--limit-train-batches",
+            "2",
+            "--lr",
+            "1e-3",
+        ],
+    )
     runpy.run_path(str(script), run_name="__main__")
     printed = capsys.readouterr().out
     assert "val/spearman/stsb: zero-shot" in printed and "val/spearman/snli" in printed

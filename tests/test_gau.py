@@ -20,8 +20,10 @@ from lightning_mtl.tasks import pop_task_losses
 
 ATTN = ["relu2", "softmax", "softmax_plus"]
 LENGTH = ["visible", "total"]
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-        "must be in want of a wife. ") * 40
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. "
+) * 40
 
 
 @pytest.fixture(autouse=True)
@@ -258,8 +260,14 @@ def test_char_vocabulary_and_mismatch(tmp_path: Path):
     assert model.embed.num_embeddings == len(set(TEXT))
     with pytest.raises(ValueError, match=r"vocab=datamodule\.vocab"):
         tiny_model(vocab="char")
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     with pytest.raises(ValueError, match="vocabulary"):
         trainer.fit(tiny_model(), dm)
 
@@ -271,9 +279,19 @@ def test_warmup_cosine():
 
 
 def _fit(model, dm, steps, callbacks=()):
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0,
-                        val_check_interval=steps, callbacks=list(callbacks), accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        val_check_interval=steps,
+        callbacks=list(callbacks),
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(model, dm)
     return trainer
 
@@ -352,9 +370,18 @@ def test_config_file_instantiates():
 
     config = Path(__file__).resolve().parents[1] / "configs" / "gau_lm.yaml"
     cli = LightningCLI(
-        subclass_mode_model=True, subclass_mode_data=True, run=False,
-        args=["--config", str(config), "--model.init_args.dim=32", "--model.init_args.depth=1",
-              "--model.init_args.qk_dim=16", "--trainer.logger=false", "--trainer.enable_checkpointing=false"],
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=[
+            "--config",
+            str(config),
+            "--model.init_args.dim=32",
+            "--model.init_args.depth=1",
+            "--model.init_args.qk_dim=16",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+        ],
     )
     assert isinstance(cli.model, GAULanguageModel) and isinstance(cli.datamodule, TextDataModule)
     assert any(isinstance(c, MultiTaskGradient) for c in cli.trainer.callbacks)

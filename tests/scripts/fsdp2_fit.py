@@ -68,8 +68,10 @@ def fit(out: str, config: str) -> None:
             Path(f"{stem}.txt").write_text(f"{type(err).__name__}: {err}")
         return
     t.fit(model, InOrder(ds, 8))
-    torch.save([p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()],
-               f"{stem}.pt")
+    torch.save(
+        [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()],
+        f"{stem}.pt",
+    )
 
 
 if __name__ == "__main__":
