@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from cosent_vs_st import read_sts  # this folder is on sys.path when run as a script
 
-from lightning_mtl.cosent import CoSENTEncoder
+from lightning_gen.cosent import CoSENTEncoder
 
 
 def pair_weights(cos: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:

@@ -84,8 +84,7 @@ def run_ours(args: argparse.Namespace, data: Path, dev) -> tuple[float, float]:
     from lightning.pytorch.utilities import CombinedLoader
     from torch.utils.data import DataLoader
 
-    from lightning_mtl.cosent import CoSENTEncoder, SentencePairDataModule
-    from lightning_mtl.sentence_data import collate_pairs
+    from lightning_gen.cosent import CoSENTEncoder, SentencePairDataModule, collate_pairs
 
     batches = st_batches(args, data) if args.order == "st" else None  # before seeding: it must not shift our seed
     L.seed_everything(args.seed, verbose=False)
@@ -168,7 +167,7 @@ def st_batches(args: argparse.Namespace, data: Path) -> list[list[int]]:
 
 def snli_holdout(args: argparse.Namespace):
     """The 2000 SNLI pairs that the multi-task runs hold out (SentencePairDataModule's seeded split)."""
-    from lightning_mtl.cosent import SentencePairDataModule
+    from lightning_gen.cosent import SentencePairDataModule
 
     dm = SentencePairDataModule(train={"snli": args.snli}, holdout={"snli": 2000})
     dm.setup()
@@ -188,8 +187,8 @@ def run_multitask(args: argparse.Namespace, data: Path, dev, weighting: str) -> 
     import lightning as L
 
     import lightning_mtl as mtl
+    from lightning_gen.cosent import CoSENTEncoder, SentencePairDataModule
     from lightning_mtl.callbacks import MultiTaskGradient
-    from lightning_mtl.cosent import CoSENTEncoder, SentencePairDataModule
 
     L.seed_everything(args.seed, verbose=False)
     model = CoSENTEncoder(
@@ -235,7 +234,7 @@ def run_st(args: argparse.Namespace, data: Path, dev, loss_name: str) -> tuple[f
 
 
 def run_zero_shot(args: argparse.Namespace, data: Path, dev) -> tuple[float, float]:
-    from lightning_mtl.cosent import CoSENTEncoder
+    from lightning_gen.cosent import CoSENTEncoder
 
     model = CoSENTEncoder(max_length=args.max_length, pooling=args.pooling)
     score_snli(args, model)
@@ -317,7 +316,7 @@ def table(results: Path) -> str:
 
 
 def write_table(results: Path, target: Path) -> None:
-    from lightning_mtl.reporting import write_block  # here: torch is imported after the thread settings
+    from _report import write_block  # here: torch is imported after the thread settings
 
     write_block(target, BEGIN, END, table(results), default="# CoSENT benchmark\n")
 

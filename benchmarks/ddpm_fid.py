@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddpm_step import plain_loss
 from mnist_classifier import load as load_classifier
 
-from lightning_gen.ddpm import DDPM, UNET_PRESETS, make_grid, save_png
-from lightning_gen.image_data import load_mnist, resize_images
+from lightning_gen.ddpm import DDPM, UNET_PRESETS, load_mnist, make_grid, resize_images, save_png
 
 #: the UNet of every variant, by image size: "digits8" / "mnist14" (two levels, channels 32/64, no attention) or
 #: "mnist28" (the ``DDPM()`` default)
@@ -97,7 +96,7 @@ def train_ours(args: argparse.Namespace, seed: int, curve: Curve, **kwargs) -> t
     import lightning as L
     from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
-    from lightning_gen.image_data import ImageDataModule
+    from lightning_gen.ddpm import ImageDataModule
     from lightning_mtl.callbacks import MultiTaskGradient
     from lightning_mtl.weighting import GradNormalize
 

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gen.ddpm import DDPM, UNET_PRESETS
-from lightning_gen.image_data import ImageDataModule, load_digits_images, load_mnist, resize_images
+from lightning_gen.ddpm import DDPM, UNET_PRESETS, ImageDataModule, load_digits_images, load_mnist, resize_images
 
 
 class StepTimer(Callback):

@@ -37,8 +37,7 @@ def run_one(cfg: dict) -> dict:
     import lightning as L
 
     import lightning_mtl as mtl
-    from lightning_gen.lm import GAULanguageModel
-    from lightning_gen.text_data import TextDataModule
+    from lightning_gen.gau import GAULanguageModel, TextDataModule
     from lightning_mtl.callbacks import MultiTaskGradient
 
     L.seed_everything(cfg["seed"], verbose=False)
@@ -117,7 +116,7 @@ def _table_aux(results: list[dict]) -> str:
 
 
 def _replace(md: Path, key: str, text: str) -> None:
-    from lightning_mtl.reporting import write_block  # here: the workers set torch's threads before importing it
+    from _report import write_block  # here: the workers set torch's threads before importing it
 
     write_block(md, f"<!-- {key}:begin -->", f"<!-- {key}:end -->", text)
 

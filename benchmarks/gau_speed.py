@@ -32,9 +32,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gau_length import DEFAULT_DATA, _replace
 
-from lightning_gen.gau import GAUStack
-from lightning_gen.lm import warmup_cosine
-from lightning_gen.text_data import TextDataModule
+from lightning_gen.gau import GAUStack, TextDataModule, warmup_cosine
 
 
 class LM(nn.Module):

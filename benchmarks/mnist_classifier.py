@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_gen.image_data import load_mnist, resize_images
+from lightning_gen.ddpm import load_mnist, resize_images
 
 
 class MnistFeatures(nn.Module):

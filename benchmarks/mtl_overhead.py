@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import write_block
 from torch import nn
 
 import lightning_mtl as mtl
 from lightning_mtl.engine import GradientEngine
-from lightning_mtl.reporting import write_block
 from lightning_mtl.tasks import TaskLosses
 
 README = Path(__file__).with_name("README.md")

@@ -23,12 +23,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _report import write_block
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe
-from lightning_mtl.reporting import write_block
 
 WARMUP = 10
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_mtl.reporting import write_block
+from _report import write_block
 
 MD = Path(__file__).with_name("scaling.md")
 

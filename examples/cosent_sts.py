@@ -12,7 +12,7 @@ the two task gradients with
         --weighting gradnormalize --output-dir out/cosent-mtl
 
 Prints the dev Spearman (×100) of every validation set before and after training. Same as
-``lightning-mtl fit --config configs/cosent_sts.yaml`` (and ``configs/cosent_multitask.yaml``).
+``lightning-mtl fit --config cosent_sts`` (and ``cosent_multitask``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import lightning as L
 
-from lightning_mtl.cosent import CoSENTEncoder, SentencePairDataModule
+from lightning_gen.cosent import CoSENTEncoder, SentencePairDataModule
 
 
 def main() -> None:

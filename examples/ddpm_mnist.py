@@ -9,7 +9,7 @@ seed, every ``--grid-every`` epochs) and exports a ``DDPMPipeline`` directory to
 
     python -c "from diffusers import DDPMPipeline as P; P.from_pretrained('out/ddpm/pipeline')(4, output_type='np')"
 
-Same as ``lightning-mtl fit --config configs/ddpm_mnist.yaml``.
+Same as ``lightning-mtl fit --config ddpm_mnist``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
-from lightning_gen.ddpm import DDPM, SampleGrid, make_grid, save_png
-from lightning_gen.image_data import ImageDataModule
+from lightning_gen.ddpm import DDPM, ImageDataModule, SampleGrid, make_grid, save_png
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -46,8 +48,10 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe
-from lightning_mtl.reporting import write_block
+from lightning_mtl.callbacks import GradientMagnitudeProbe, ResidualProbe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the table writer of the benchmarks
+from _report import write_block
 
 VARIANTS = ("plain", "res", "res_scaled", "postln", "deepnorm")
 

@@ -23,8 +23,7 @@ from lightning.fabric import Fabric
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gen.ddpm import DDPM, make_grid, save_png
-from lightning_gen.image_data import load_digits_images, load_mnist, resize_images
+from lightning_gen.ddpm import DDPM, load_digits_images, load_mnist, make_grid, resize_images, save_png
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ a sample.
     python examples/gau_lm.py --data ../shared/data/tinyshakespeare/input.txt --vocab char --steps 2000
     python examples/gau_lm.py --attention relu2 --no-mtl
 
-The same run through the CLI: ``lightning-mtl fit --config configs/gau_lm.yaml``.
+The same run through the CLI: ``lightning-mtl fit --config gau_lm``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import lightning as L
 import torch
 
 import lightning_mtl as mtl
-from lightning_gen.lm import GAULanguageModel
-from lightning_gen.text_data import TextDataModule
+from lightning_gen.gau import GAULanguageModel, TextDataModule
 from lightning_mtl.callbacks import MultiTaskGradient
 
 

@@ -1,14 +1,20 @@
-"""Generative reference models built on :mod:`lightning_mtl`: DDPM on diffusers and a GAU language model.
+"""Models built on :mod:`lightning_mtl`, each in its own package with its data module.
 
-Names are imported lazily, so ``import lightning_gen`` needs neither diffusers nor the language-model code.
+* :mod:`lightning_gen.cosent`: the CoSENT sentence encoder (any Hugging Face encoder; extra ``nlp``).
+* :mod:`lightning_gen.ddpm`: DDPM on diffusers (extra ``gen``).
+* :mod:`lightning_gen.gau`: the gated attention unit and the GAU language model.
+
+Names are imported lazily, so ``import lightning_gen`` needs neither diffusers nor transformers.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_mtl._imports import lazy_exports
 
 _EXPORTS = {
+    "CoSENTEncoder": "cosent",
+    "SentencePairDataModule": "cosent",
+    "cosent_loss": "cosent",
     "DDPM": "ddpm",
     "SampleGrid": "ddpm",
     "ema_weights": "ddpm",
@@ -16,24 +22,18 @@ _EXPORTS = {
     "article_coefficients": "ddpm",
     "article_alphas": "ddpm",
     "UNET_PRESETS": "ddpm",
-    "ImageDataModule": "image_data",
-    "load_mnist": "image_data",
-    "load_digits_images": "image_data",
-    "read_idx": "image_data",
+    "ImageDataModule": "ddpm",
+    "load_mnist": "ddpm",
+    "load_digits_images": "ddpm",
+    "read_idx": "ddpm",
     "GAU": "gau",
     "GAUStack": "gau",
-    "GAULanguageModel": "lm",
-    "BitsPerCharacter": "lm",
-    "TextDataModule": "text_data",
-    "ByteTokenizer": "text_data",
-    "CharTokenizer": "text_data",
+    "GAULanguageModel": "gau",
+    "BitsPerCharacter": "gau",
+    "TextDataModule": "gau",
+    "ByteTokenizer": "gau",
+    "CharTokenizer": "gau",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"lightning_gen.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'lightning_gen' has no attribute {name!r}")
-
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

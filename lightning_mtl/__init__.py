@@ -4,8 +4,8 @@ Return ``task_losses(self, {...})`` from ``training_step`` and add
 ``lightning_mtl.callbacks.MultiTaskGradient(weighting)`` to the Trainer.
 """
 
+from lightning_mtl._imports import moved
 from lightning_mtl.engine import GradientEngine
-from lightning_mtl.losses import NLI_LABELS, cosent_loss
 from lightning_mtl.scalarize import (
     GeneralizedMean,
     InitialLossNormalization,
@@ -30,7 +30,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MGDA",
-    "NLI_LABELS",
     "GeneralizedMean",
     "GradNormalize",
     "GradientEngine",
@@ -45,7 +44,9 @@ __all__ = [
     "UncertaintyWeighting",
     "Weighting",
     "as_weighting",
-    "cosent_loss",
     "min_norm_weights",
     "task_losses",
 ]
+
+# lightning_mtl.cosent_loss and lightning_mtl.NLI_LABELS moved with the CoSENT model (one release of grace).
+__getattr__ = moved("lightning_mtl", "lightning_gen.cosent")

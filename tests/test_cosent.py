@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_mtl.cli import find_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,9 +19,15 @@ import lightning as L
 
 pytest.importorskip("transformers")
 
-from lightning_mtl.cosent import CoSENTEncoder, SentencePairDataModule
-from lightning_mtl.losses import cosent_loss, pairwise_cosine
-from lightning_mtl.sentence_data import DataFormatError, read_hf_pairs, read_pair_file
+from lightning_gen.cosent import (
+    CoSENTEncoder,
+    DataFormatError,
+    SentencePairDataModule,
+    cosent_loss,
+    pairwise_cosine,
+    read_hf_pairs,
+    read_pair_file,
+)
 
 WORDS = (
     "a man woman child dog cat is are plays play playing runs running eats eating food ball guitar piano "
@@ -230,7 +238,7 @@ def test_empty_file_is_an_error(tmp_path: Path) -> None:
 
 def test_dropped_lines_are_counted_in_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_nli(tmp_path / "nli.tsv", extra="a\tb\t-\n\nc\td\t-\n")
-    with caplog.at_level(logging.INFO, logger="lightning_mtl.sentence_data"):
+    with caplog.at_level(logging.INFO, logger="lightning_gen.cosent.data"):
         pairs = read_pair_file(path)
     assert len(pairs) == len(NLI_ROWS)
     assert "dropped 3 lines (2 no gold label ('-'), 1 blank line)" in caplog.text
@@ -274,7 +282,7 @@ def test_datamodule_checks_its_arguments(tmp_path: Path) -> None:
 def test_configs_parse(name: str, tiny_bert: str, tmp_path: Path) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    config = Path(__file__).resolve().parent.parent / "configs" / name
+    config = find_config(name)
     sts, nli = write_sts(tmp_path / "sts.tsv"), write_nli(tmp_path / "nli.tsv")
     args = [
         "--config",

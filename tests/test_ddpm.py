@@ -17,17 +17,15 @@ pytest.importorskip("diffusers", reason="the DDPM needs the `gen` extra (diffuse
 
 from lightning_gen.ddpm import (
     DDPM,
+    ImageDataModule,
     SampleGrid,
     article_alphas,
     article_coefficients,
     ema_weights,
-    make_grid,
-    make_noise_scheduler,
-)
-from lightning_gen.image_data import (
-    ImageDataModule,
     load_digits_images,
     load_mnist,
+    make_grid,
+    make_noise_scheduler,
     read_idx,
     resize_images,
 )

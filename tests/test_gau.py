@@ -11,10 +11,22 @@ import torch
 import torch.nn.functional as F
 
 import lightning_mtl as mtl
-from lightning_gen.gau import GAU, GAUStack, apply_rotary, rotary_cos_sin
-from lightning_gen.lm import BitsPerCharacter, GAULanguageModel, warmup_cosine
-from lightning_gen.text_data import ByteTokenizer, CharTokenizer, TextDataModule, Windows, default_text
+from lightning_gen.gau import (
+    GAU,
+    BitsPerCharacter,
+    ByteTokenizer,
+    CharTokenizer,
+    GAULanguageModel,
+    GAUStack,
+    TextDataModule,
+    Windows,
+    apply_rotary,
+    default_text,
+    rotary_cos_sin,
+    warmup_cosine,
+)
 from lightning_mtl.callbacks import MultiTaskGradient
+from lightning_mtl.cli import find_config
 from lightning_mtl.engine import GradientEngine
 from lightning_mtl.tasks import pop_task_losses
 
@@ -368,7 +380,7 @@ def test_primary_auxiliary_update_recomputed_by_hand():
 def test_config_file_instantiates():
     from lightning.pytorch.cli import LightningCLI
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "gau_lm.yaml"
+    config = find_config("gau_lm.yaml")
     cli = LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -30,12 +30,11 @@ def test_demo_rejects_an_unknown_problem():
 
 
 def test_lightning_cli_fit_with_the_shipped_config(tmp_path):
-    config = __import__("pathlib").Path(__file__).parents[1] / "configs" / "demo.yaml"
     main(
         [
             "fit",
             "--config",
-            str(config),
+            "demo",  # the packaged config, by name
             "--trainer.max_epochs",
             "1",
             "--trainer.limit_train_batches",

@@ -44,7 +44,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gen.image_data import to_unit
+from lightning_gen.ddpm.data import to_unit
 from lightning_mtl.tasks import task_losses
 
 __all__ = [

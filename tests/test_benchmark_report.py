@@ -1,6 +1,10 @@
-"""The markdown block writer shared by the benchmark and example scripts."""
+"""The markdown block writer shared by the benchmark and example scripts (benchmarks/_report.py)."""
 
-from lightning_mtl.reporting import write_block
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _report import write_block
 
 
 def test_write_block_replaces_appends_and_creates(tmp_path):
