@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_mtl.engine import GradientEngine
+from lightning_mtl.engine import GradientEngine, StepSummary
 from lightning_mtl.tasks import pop_task_losses
 from lightning_mtl.weighting import Weighting
 
@@ -107,6 +107,12 @@ class MultiTaskGradient(Callback):
     @property
     def mode(self) -> str:
         return self.engine.mode
+
+    @property
+    def last_step(self) -> StepSummary | None:
+        """Read-only view of the last optimiser step: task names, Gramian, weights, gradient norms and cosines
+        (``None`` before the first step). The logged metrics and the probes read it."""
+        return self.engine.last_step
 
     @property
     def state_key(self) -> str:
@@ -196,20 +202,18 @@ class MultiTaskGradient(Callback):
             self._log(pl_module)
 
     def _log(self, pl_module: pl.LightningModule) -> None:
-        engine = self.engine
-        if engine.last_gramian is None or engine.last_weights is None or engine.tasks is None:
+        step = self.last_step
+        if step is None:
             return
-        gram, w, names = engine.last_gramian, engine.last_weights, engine.tasks
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        cos = gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
+        names = step.tasks
         metrics: dict[str, Tensor] = {}
         for i, a in enumerate(names):
-            metrics[f"mtl/weight/{a}"] = w[i].float()
-            metrics[f"mtl/grad_norm/{a}"] = norms[i].float()
+            metrics[f"mtl/weight/{a}"] = step.weights[i].float()
+            metrics[f"mtl/grad_norm/{a}"] = step.norms[i].float()
             for j in range(i + 1, len(names)):
-                metrics[f"mtl/cos/{a}~{names[j]}"] = cos[i, j].float()
+                metrics[f"mtl/cos/{a}~{names[j]}"] = step.cosines[i, j].float()
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
-        engine.weighting.report_fallbacks()
+        self.engine.weighting.report_fallbacks()
 
     # --- checkpointing ----------------------------------------------------------------------------------------
     @override

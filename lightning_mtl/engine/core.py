@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -72,9 +73,37 @@ from lightning_mtl._dtensor import is_dtensor, local_tensor
 from lightning_mtl.tasks import TaskLosses
 from lightning_mtl.weighting import Weighting, as_weighting
 
-__all__ = ["GradientEngine", "reached_parameters"]
+__all__ = ["GradientEngine", "StepSummary", "reached_parameters", "summarize_step"]
 
 Mode = Literal["parameter", "representation"]
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    """What the last optimiser step's weighting saw and chose (read-only; detached tensors on the Gramian's device).
+
+    Attributes:
+        tasks: the task names, in the Gramian's order.
+        gramian: :math:`G_{ij} = \\langle g_i, g_j\\rangle`, K×K float64, unscaled (global under DDP/FSDP2).
+        weights: the weights :math:`w` the weighting returned (K).
+        norms: :math:`\\|g_k\\| = \\sqrt{G_{kk}}` (K).
+        cosines: :math:`G_{ij} / (\\|g_i\\|\\|g_j\\|)`, 0 where a norm is 0 (K×K).
+    """
+
+    tasks: tuple[str, ...]
+    gramian: Tensor
+    weights: Tensor
+    norms: Tensor
+    cosines: Tensor
+
+
+def summarize_step(tasks: Sequence[str], gramian: Tensor, weights: Tensor) -> StepSummary:
+    """The :class:`StepSummary` of a Gramian and its weights: norms :math:`\\sqrt{G_{kk}}` and cosines."""
+    gram = gramian.detach()
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cos = torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(gram))
+    return StepSummary(tuple(tasks), gram, weights.detach(), norms, cos)
 
 
 def reached_parameters(loss: Tensor) -> set[int]:
@@ -220,6 +249,13 @@ class GradientEngine:
             self._fsdp_groups = groups
             self._grad_holders = list({id(p): p for p in [*module.parameters(), *sharded.values()]}.values())
         return shared
+
+    @property
+    def last_step(self) -> StepSummary | None:
+        """Tasks, Gramian, weights, norms and cosines of the last weighting (``None`` before the first step)."""
+        if self.last_gramian is None or self.last_weights is None or self.tasks is None:
+            return None
+        return summarize_step(self.tasks, self.last_gramian, self.last_weights)
 
     @property
     def sharded(self) -> bool:
