@@ -1,10 +1,17 @@
-"""Writing measured tables into markdown files between marker comments (used by benchmarks/ and examples/)."""
+"""Shared by the benchmark scripts: where the data and the run folders are, and writing measured tables into
+markdown files between marker comments (also used by ``examples/deepnet_probe.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["write_block"]
+__all__ = ["DATA", "RUNS", "write_block"]
+
+#: ``../shared/data`` beside the repository (see its SOURCES.md): the default data of every benchmark, whatever the
+#: working directory
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: ``runs/`` in the repository (git-ignored): default home of results that several invocations add to
+RUNS = Path(__file__).resolve().parents[1] / "runs"
 
 
 def write_block(path: str | Path, begin: str, end: str, text: str, *, default: str = "") -> None:

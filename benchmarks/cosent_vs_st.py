@@ -36,6 +36,7 @@ import platform
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -346,13 +347,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="anchor")
     p.add_argument("--results", default=str(RESULTS))
-    p.add_argument("--workdir", default="/tmp/cosent_bench")
+    p.add_argument("--workdir", default=None, help="scratch space of the trainers (default: a new temporary folder)")
     p.add_argument("--parallel", action="store_true", help="start the runs at once instead of back to back")
     p.add_argument("--table", action="store_true", help="only rewrite the table in benchmarks/cosent.md")
     p.add_argument("--train-pairs", type=int, default=0, help="train on a seeded random subset of N pairs")
     p.add_argument("--dev-pairs", type=int, default=0, help="score on the first N dev pairs only")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="cosent_vs_st-")
     if args.table:
         write_table(Path(args.results), TABLE)
         return

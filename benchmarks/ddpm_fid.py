@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import DATA, RUNS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -287,9 +288,11 @@ def compose(args: argparse.Namespace, out: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mnist", default="../shared/data/mnist")
+    p.add_argument("--mnist", default=str(DATA / "mnist"))
     p.add_argument("--classifier", default=None, help="default: <workdir>/clf<size>.pt")
-    p.add_argument("--workdir", default="/tmp/ddpm_bench")
+    p.add_argument(
+        "--workdir", default=str(RUNS / "ddpm_fid"), help="results, weights and grids; kept across runs (--report)"
+    )
     p.add_argument("--variants", default="data,a,e,d,b0,c,b1")
     p.add_argument("--size", type=int, default=8)
     p.add_argument("--steps", type=int, default=800)

@@ -22,6 +22,7 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
+from _report import DATA
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -138,7 +139,7 @@ def bench(preset: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mnist", default="../shared/data/mnist")
+    p.add_argument("--mnist", default=str(DATA / "mnist"))
     p.add_argument("--presets", default="digits8,mnist28")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=6)

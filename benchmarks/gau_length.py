@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-DEFAULT_DATA = "/work/shared/data/tinyshakespeare/input.txt"
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
 
 
 def run_one(cfg: dict) -> dict:

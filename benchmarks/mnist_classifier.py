@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import DATA, RUNS
 from torch import Tensor, nn
 
 from lightning_gen.ddpm import load_mnist, resize_images
@@ -61,12 +62,13 @@ def load(path: str | Path) -> MnistFeatures:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mnist", default="../shared/data/mnist")
+    p.add_argument("--mnist", default=str(DATA / "mnist"))
     p.add_argument("--size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--out", default="/tmp/ddpm_bench/clf8.pt")
+    p.add_argument("--out", default=None, help="default: runs/ddpm_fid/clf<size>.pt (ddpm_fid.py's default)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    args.out = args.out or str(RUNS / "ddpm_fid" / f"clf{args.size}.pt")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
