@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LEGACY = ROOT / "tests" / "data" / "legacy"  # written by tests/scripts/make_legacy_checkpoints.py at 02ef3b4
 
 
-def _trainer(callbacks: list, **kw) -> L.Trainer:
+def _trainer(callbacks: list, root: Path, **kw) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -33,6 +33,7 @@ def _trainer(callbacks: list, **kw) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
+        default_root_dir=root,  # the probes' PNGs
         **kw,
     )
 
@@ -44,7 +45,7 @@ def _same_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 # --- checkpoints written by main before the move ------------------------------------------------------------------
-def test_legacy_demo_checkpoint_resumes_with_callback_states() -> None:
+def test_legacy_demo_checkpoint_resumes_with_callback_states(tmp_path: Path) -> None:
     from lightning_mtl.demo import DigitsMultiTask
 
     ckpt = LEGACY / "demo_pcgrad_probes.ckpt"
@@ -54,7 +55,7 @@ def test_legacy_demo_checkpoint_resumes_with_callback_states() -> None:
     res_probe = ResidualProbe(every_n_steps=1, forward_fn=lambda m, b: m.trunk(b[0]))
     torch.manual_seed(0)
     x, y = torch.randn(32, 12), torch.randint(0, 10, (32, 2))
-    trainer = _trainer([mtl_cb, grad_probe, res_probe], max_steps=4)
+    trainer = _trainer([mtl_cb, grad_probe, res_probe], tmp_path, max_steps=4)
     trainer.fit(DigitsMultiTask(in_dim=12, hidden=16), DataLoader(TensorDataset(x, y), batch_size=8), ckpt_path=ckpt)
     assert trainer.global_step == 4
     assert mtl_cb.engine.tasks == ("left", "right") and mtl_cb.engine.steps == 4  # restored, then one more step
@@ -65,19 +66,19 @@ def test_legacy_demo_checkpoint_resumes_with_callback_states() -> None:
     assert [e["step"] for e in res_probe.history[: len(before)]] == [e["step"] for e in before]  # NaN-free part
 
 
-def test_legacy_gau_checkpoint_resumes() -> None:
+def test_legacy_gau_checkpoint_resumes(tmp_path: Path) -> None:
     from lightning_gen.gau import GAULanguageModel, TextDataModule
 
     ckpt = LEGACY / "gau_lm_primary_aux.ckpt"
     _same_weights(GAULanguageModel.load_from_checkpoint(ckpt), ckpt)
     cb = MultiTaskGradient(mtl.PrimaryAuxiliary(primary="lm"))
-    trainer = _trainer([cb], max_steps=3, limit_val_batches=0)
+    trainer = _trainer([cb], tmp_path, max_steps=3, limit_val_batches=0)
     model = GAULanguageModel(dim=16, depth=1, qk_dim=8, warmup_steps=1, lr=5e-3)
     trainer.fit(model, TextDataModule(seq_len=16, batch_size=2), ckpt_path=ckpt)
     assert trainer.global_step == 3 and cb.engine.tasks == ("lm", "aux") and cb.engine.steps == 3
 
 
-def test_legacy_ddpm_checkpoint_resumes() -> None:
+def test_legacy_ddpm_checkpoint_resumes(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
     from lightning_gen.ddpm import DDPM, load_digits_images, resize_images
 
@@ -86,7 +87,7 @@ def test_legacy_ddpm_checkpoint_resumes() -> None:
     cb = MultiTaskGradient(mtl.GradNormalize())
     model = DDPM(preset="digits8", unet={"block_out_channels": [8, 8], "norm_num_groups": 4}, timestep_buckets=2)
     images = resize_images(load_digits_images()[0][:16], None)
-    trainer = _trainer([cb], max_steps=3)
+    trainer = _trainer([cb], tmp_path, max_steps=3)
     trainer.fit(model, DataLoader(TensorDataset(images), batch_size=8), ckpt_path=ckpt)
     assert trainer.global_step == 3 and cb.engine.steps == 3 and len(cb.engine.tasks or ()) == 2
 
