@@ -1,5 +1,5 @@
-"""Small helpers that several parts of the project need (private): train/eval mode, random-generator state and
-nested-batch traversal.
+"""Small helpers that several parts of the project need (private): train/eval mode, random-generator state,
+nested-batch traversal, and the learning-rate warm-up and weight-decay groups that the models share.
 
 Kept here so that each is written once; the models in :mod:`lightning_gen` use them too.
 """
@@ -7,15 +7,16 @@ Kept here so that each is written once; the models in :mod:`lightning_gen` use t
 from __future__ import annotations
 
 import contextlib
+import math
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RngState", "eval_mode", "first_tensor", "map_tensors"]
+__all__ = ["RngState", "eval_mode", "first_tensor", "map_tensors", "no_decay_groups", "warmup_schedule"]
 
 
 @contextlib.contextmanager
@@ -87,3 +88,67 @@ def map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(map_tensors(v, fn) for v in x)
     return x
+
+
+def warmup_schedule(
+    step: int,
+    warmup: int,
+    total: int,
+    *,
+    decay: Literal["cosine", "linear", "constant"] = "cosine",
+    floor: float = 0.0,
+    from_zero: bool = False,
+) -> float:
+    r"""Learning-rate factor at optimizer step ``step`` (0-based, as ``LambdaLR`` counts): a linear warm-up over
+    ``warmup`` steps, then ``decay`` from 1 to ``floor`` at step ``total`` (and ``floor`` after it).
+
+    During the warm-up (``step < warmup``) the factor is ``(step + 1) / warmup``, so the first step already trains
+    at ``1 / warmup`` and step ``warmup - 1`` at the full rate; with ``from_zero`` it is ``step / warmup`` (the first
+    step at 0, as Hugging Face's ``get_linear_schedule_with_warmup``). After it, with
+    :math:`p = \min(1, (\text{step} - \text{warmup}) / \max(1, \text{total} - \text{warmup}))`:
+
+    * ``"cosine"``: :math:`\text{floor} + (1 - \text{floor})\,\tfrac12(1 + \cos\pi p)`;
+    * ``"linear"``: :math:`\text{floor} + (1 - \text{floor})\max(0, (\text{total} - \text{step}) /
+      \max(1, \text{total} - \text{warmup}))`;
+    * ``"constant"``: 1 (``total`` and ``floor`` are not used).
+
+    Use it with ``LambdaLR(optimizer, functools.partial(warmup_schedule, warmup=..., total=..., decay=...))``.
+    """
+    if decay not in ("cosine", "linear", "constant"):
+        raise ValueError(f"warmup_schedule(decay=...) must be 'cosine', 'linear' or 'constant', got {decay!r}.")
+    if step < warmup:
+        return step / max(1, warmup) if from_zero else (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    if decay == "linear":
+        return floor + (1 - floor) * max(0.0, (total - step) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def no_decay_groups(
+    params: nn.Module | Iterable[tuple[str, Tensor]],
+    weight_decay: float,
+    *,
+    no_decay_names: Sequence[str] = (),
+    no_decay_prefixes: Sequence[str] = (),
+    trainable_only: bool = True,
+) -> list[dict[str, Any]]:
+    """The two optimizer parameter groups ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay,
+    "weight_decay": 0.0}]`` of a module (its ``named_parameters()``) or of ``(name, parameter)`` pairs.
+
+    No weight decay for every parameter with fewer than two dimensions (biases, norm gains and offsets), for names
+    that contain one of ``no_decay_names`` (e.g. ``"LayerNorm"``) and for names that start with one of
+    ``no_decay_prefixes`` (e.g. ``"embed"``). Both groups keep the order of the parameters. With ``trainable_only``
+    the parameters with ``requires_grad=False`` are left out of both groups.
+    """
+    named = params.named_parameters() if isinstance(params, nn.Module) else params
+    prefixes = tuple(no_decay_prefixes)
+    decay: list[Tensor] = []
+    no_decay: list[Tensor] = []
+    for name, p in named:
+        if trainable_only and not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(s in name for s in no_decay_names) or (bool(prefixes) and name.startswith(prefixes))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -192,6 +192,72 @@ def test_encode_keeps_order_and_batches(tiny_bert: str) -> None:
     assert model.encode([]).shape == (0, 32)
 
 
+def test_an_exception_inside_encode_leaves_each_module_in_its_mode(
+    tiny_bert: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = CoSENTEncoder(tiny_bert)
+    model.model.pooler.eval()  # a submodule frozen in eval mode stays so
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert modes[""] and not modes["model.pooler"]
+    seen = []
+
+    def boom(sentences):
+        seen.append(model.training)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model, "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.encode(["a dog", "a cat"])
+    assert seen == [False]  # encode ran in eval mode ...
+    assert {name: m.training for name, m in model.named_modules()} == modes  # ... and gave every module its mode back
+    monkeypatch.undo()
+    model.encode(["a dog"])
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def _old_linear_warmup_decay(warmup: int, total: int, step: int) -> float:
+    """The schedule CoSENTEncoder had before warmup_schedule (a copy: the published numbers used it)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@pytest.mark.parametrize(("warmup_ratio", "total"), [(0.0, 1), (0.1, 1), (0.1, 7), (0.1, 40), (0.5, 9), (0.3, 100)])
+def test_lr_schedule_reproduces_the_old_one_at_every_step(tiny_bert: str, warmup_ratio: float, total: int) -> None:
+    import math
+    from types import SimpleNamespace
+
+    model = CoSENTEncoder(tiny_bert, lr=1e-3, warmup_ratio=warmup_ratio)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=total)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    warmup = math.ceil(total * warmup_ratio)
+    for step in range(total + 3):  # and past the end
+        expected = _old_linear_warmup_decay(warmup, total, step)
+        assert scheduler.lr_lambdas[0](step) == expected, step  # bit for bit
+        assert [g["lr"] for g in optimizer.param_groups] == [1e-3 * expected] * 2, step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_weight_decay_groups_are_the_old_ones(tiny_bert: str) -> None:
+    from types import SimpleNamespace
+
+    model = CoSENTEncoder(tiny_bert, weight_decay=0.01)
+    model.model.embeddings.word_embeddings.weight.requires_grad_(False)  # frozen: in neither group
+    model.model.register_parameter("LayerNorm_extra", torch.nn.Parameter(torch.ones(3, 3)))  # 2-D, but by name
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    decay, no_decay = [], []  # the rule CoSENTEncoder had before no_decay_groups
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n else decay).append(p)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert [list(map(id, g["params"])) for g in groups] == [list(map(id, decay)), list(map(id, no_decay))]
+    assert model.model.LayerNorm_extra in no_decay and len(decay) > 0
+
+
 def test_bad_hyper_parameters(tiny_bert: str) -> None:
     with pytest.raises(ValueError, match="pooling"):
         CoSENTEncoder(tiny_bert, pooling="max")

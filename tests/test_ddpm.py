@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -238,6 +240,62 @@ def test_ema_weights_without_callback_is_a_no_op() -> None:
     with ema_weights(model) as swapped:
         assert swapped is False
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_an_exception_while_sampling_restores_the_modes_and_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny()
+    model.unet.conv_in.eval()  # a submodule frozen in eval mode stays so
+    modes = {name: m.training for name, m in model.named_modules()}
+    seen = []
+
+    def boom(*args, **kwargs):
+        seen.append(model.unet.training)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model.unet, "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.sample(2, 3, "ddim", torch.Generator().manual_seed(0))
+    assert seen == [False]
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+# --- the learning-rate schedule -----------------------------------------------------------------------------------
+def _old_factor(step: int, warmup: int, total: int, lr_schedule: str) -> float:
+    """The LambdaLR factor DDPM.configure_optimizers had before warmup_schedule (a copy)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if lr_schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.fixture(scope="module")
+def _ddpm_for_schedules() -> DDPM:
+    return tiny()
+
+
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+@pytest.mark.parametrize(("warmup", "total"), [(0, 1), (0, 25), (1, 1), (3, 25), (10, 10), (7, 100), (30, 20)])
+def test_lr_schedule_reproduces_the_old_one_at_every_step(
+    _ddpm_for_schedules: DDPM, lr_schedule: str, warmup: int, total: int
+) -> None:
+    model = _ddpm_for_schedules
+    model.hparams.warmup_steps, model.hparams.lr_schedule = warmup, lr_schedule
+    model._trainer = SimpleNamespace(estimated_stepping_batches=total)
+    config = model.configure_optimizers()
+    if warmup == 0 and lr_schedule == "constant":
+        assert isinstance(config, torch.optim.AdamW)  # no scheduler at all, as before
+        return
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    old_total = max(total, 1) if lr_schedule == "cosine" else 0
+    for step in range(total + 3):  # and past the end
+        expected = _old_factor(step, warmup, old_total, lr_schedule)
+        assert scheduler.lr_lambdas[0](step) == expected, step  # bit for bit
+        assert optimizer.param_groups[0]["lr"] == model.hparams.lr * expected, step
+        optimizer.step()
+        scheduler.step()
 
 
 # --- precision ----------------------------------------------------------------------------------------------------

@@ -205,6 +205,45 @@ def test_stack_shapes_and_gradients(norm):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stack.parameters())
 
 
+# --- the hand-written backward of relu² attention ----------------------------------------------------------------
+def _qkv(b: int = 2, n: int = 7, s: int = 4, e: int = 3):
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    return leaf(b, n, s), leaf(b, n, s), leaf(b, n, e)
+
+
+@pytest.mark.parametrize("weight", ["row", "causal", "masked"])
+def test_relu2_attention_backward_passes_gradcheck(weight):
+    from lightning_gen.gau.layer import _Relu2Attention
+
+    q, k, v = _qkv()
+    q = q[:, :5].detach().requires_grad_()  # 5 query rows against 7 keys, as a causal block sees them
+    rows = torch.arange(3, 8, dtype=torch.float64)[:, None]
+    if weight == "row":  # no mask: one 1/n_i per row, broadcast over the keys
+        w = 1.0 / rows
+    elif weight == "causal":  # (rows, keys): the causal table of the block of queries 2..6
+        w = torch.ones(5, 7, dtype=torch.bool).tril(2).double() / rows
+    else:  # (batch, rows, keys): a padding mask as well
+        w = (torch.rand(2, 5, 7) > 0.3).double() / rows
+    assert torch.autograd.gradcheck(_Relu2Attention.apply, (q, k, v, w))
+
+
+@pytest.mark.parametrize("length", LENGTH)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("causal", "block"), [(True, 3), (True, 1024), (False, 3)])
+def test_relu2_attend_passes_gradcheck(causal, block, masked, length):
+    """Through GAU.attend: the block-skipping loop (causal, block < n), the cached tables and the ``allowed`` path."""
+    gau = small_gau(attention="relu2", causal=causal, length=length, block=block)
+    q, k, v = _qkv()
+    mask = None
+    if masked:
+        mask = torch.ones(2, 7, dtype=torch.bool)
+        mask[0, 5:] = False  # right padding
+        mask[1, :2] = False  # left padding: rows that see only themselves
+    assert torch.autograd.gradcheck(lambda q, k, v: gau.attend(q, k, v, mask), (q, k, v))
+
+
 # --- data --------------------------------------------------------------------------------------------------------
 def test_tokenizers_round_trip():
     b = ByteTokenizer()
@@ -288,6 +327,78 @@ def test_warmup_cosine():
     assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine(100, 10, 100, floor=0.1) == pytest.approx(0.1)
+
+
+def _old_warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """warmup_cosine as it was before warmup_schedule (a copy: the published numbers used it)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+SCHEDULES = [(0, 1, 0.1), (1, 1, 0.1), (5, 40, 0.1), (10, 10, 0.0), (3, 100, 0.25), (50, 1000, 0.1), (20, 7, 0.1)]
+
+
+@pytest.mark.parametrize(("warmup", "total", "floor"), SCHEDULES)
+def test_lr_schedule_reproduces_the_old_one_at_every_step(warmup, total, floor):
+    model = tiny_model(warmup_steps=warmup, max_steps=total, lr_floor=floor, lr=2e-3)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    for step in range(total + 3):  # and past the end
+        expected = _old_warmup_cosine(step, warmup, total, floor)
+        assert scheduler.lr_lambdas[0](step) == expected, step  # bit for bit
+        assert warmup_cosine(step, warmup, total, floor) == expected, step  # the name the benchmarks import
+        assert [g["lr"] for g in optimizer.param_groups] == [2e-3 * expected] * 2, step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_weight_decay_groups_are_the_old_ones():
+    model = tiny_model(weight_decay=0.1)
+    model.trunk.layers[0].to_uvz.weight.requires_grad_(False)  # frozen parameters stay in the groups, as before
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    # the rule GAULanguageModel had before no_decay_groups: matrices decay, except the (tied) embedding
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("embed")]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2 or n.startswith("embed")]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [list(map(id, g["params"])) for g in groups] == [list(map(id, decay)), list(map(id, rest))]
+    assert any(p is model.embed.weight for p in rest) and any(p is model.trunk.layers[0].to_uvz.weight for p in decay)
+
+
+def _modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_an_exception_inside_generate_or_evaluation_leaves_the_lm_in_train_mode(monkeypatch):
+    model = tiny_model(dropout=0.1)
+    model.aux_head.eval()  # a submodule frozen in eval mode stays so
+    modes = _modes(model)
+    assert modes[""] and modes["drop"] and not modes["aux_head"]
+    seen = []
+
+    def boom(*args, **kwargs):
+        seen.append(model.training)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model, "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.generate("The ", 5, seed=0)
+    assert seen == [False] and model.training and _modes(model) == modes
+    with pytest.raises(RuntimeError, match="boom"):
+        model.bits_per_character([torch.randint(0, 256, (2, 10))])
+    assert seen == [False, False] and model.training and _modes(model) == modes
+    monkeypatch.undo()
+    # an error before the first forward: a character outside the vocabulary
+    chars = tiny_model(vocab="abc ")
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        chars.generate("abd", 3)
+    assert chars.training and all(_modes(chars).values())
+    # and without an error the modes come back too
+    model.generate("The ", 3, seed=0)
+    model.bits_per_character([torch.randint(0, 256, (2, 10))])
+    assert _modes(model) == modes
 
 
 def _fit(model, dm, steps, callbacks=()):

@@ -7,7 +7,7 @@ from lightning_mtl._imports import lazy_exports
 
 _EXPORTS = {
     "CoSENTEncoder": "model",
-    "SentencePairDataModule": "model",
+    "SentencePairDataModule": "data",
     "default_model_path": "model",
     "pool": "model",
     "cosent_loss": "loss",

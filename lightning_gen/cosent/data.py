@@ -1,18 +1,18 @@
-"""Sentence-pair data for CoSENT: readers for local files and Hugging Face ``datasets``, and the dataset type.
+"""Sentence-pair data for CoSENT: readers for local files and Hugging Face ``datasets``, the dataset type, and the
+datamodule that makes each dataset a task (:class:`SentencePairDataModule`).
 
 Local formats (see ``shared/data/SOURCES.md`` for the concrete files):
 
 * **TSV with a header** (STS-B as packaged by sentence-transformers: ``... score sentence1 sentence2``; SNLI:
   ``sentence1 sentence2 label``): the columns are found by name, ``sentence1``/``sentence2`` and
   ``score``/``label``/``similarity``/``gold_label``. Read with ``csv.QUOTE_NONE`` (sentences contain ``"``).
-* **Headerless** ``s1 \\t s2 \\t label`` (the Chinese ``.data`` files of bojone/CoSENT: STS-B zh, ATEC, BQ,
-  LCQMC, PAWS-X). A file is taken as headerless when its first line has three fields and the third parses as a
-  label.
+* **Headerless** ``s1 \\t s2 \\t label`` (the Chinese ``.data`` files of bojone/CoSENT: STS-B zh, ATEC, BQ, LCQMC,
+  PAWS-X). A file is taken as headerless when its first line has three fields and the third parses as a label.
 
-Labels are numbers (STS scores, 0/1) or NLI words, mapped by :data:`lightning_mtl.losses.NLI_LABELS` to
-contradiction 0 < neutral 1 < entailment 2. A malformed line raises :class:`DataFormatError` naming
-``file:line``; an empty file is an error; the only lines dropped are blank lines and NLI pairs without a gold
-label (``-``), and their number is logged.
+Labels are numbers (STS scores, 0/1) or NLI words, mapped by :data:`~lightning_gen.cosent.loss.NLI_LABELS` to
+contradiction 0 < neutral 1 < entailment 2. A malformed line raises :class:`DataFormatError` naming ``file:line``; an
+empty file is an error; the only lines dropped are blank lines and NLI pairs without a gold label (``-``), and their
+number is logged.
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
-from torch.utils.data import Dataset
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_gen.cosent.loss import NLI_LABELS
 
 __all__ = [
     "DataFormatError",
+    "SentencePairDataModule",
     "SentencePairs",
     "collate_pairs",
     "load_pairs",
@@ -184,7 +188,7 @@ def read_hf_pairs(spec: str, *, name: str | None = None) -> SentencePairs:
     """Read a Hugging Face ``datasets`` split: ``hf:NAME[@CONFIG]:SPLIT`` (needs network or the HF cache).
 
     Columns are found by name as for local files. A ``ClassLabel`` with NLI names is mapped to
-    :data:`~lightning_mtl.losses.NLI_LABELS` (the HF SNLI ids run the other way: 0 = entailment); ids below 0
+    :data:`~lightning_gen.cosent.loss.NLI_LABELS` (the HF SNLI ids run the other way: 0 = entailment); ids below 0
     (no gold label) are dropped and counted.
 
     Examples: ``hf:sentence-transformers/stsb:train``, ``hf:nyu-mll/glue@stsb:validation``,
@@ -249,3 +253,92 @@ def _report(source: str, kept: int, dropped: Counter[str]) -> None:
         log.warning("%s: read %d pairs, dropped %d lines (%s).", source, kept, sum(dropped.values()), detail)
     else:
         log.info("%s: read %d pairs.", source, kept)
+
+
+class SentencePairDataModule(pl.LightningDataModule):
+    """Sentence-pair datasets as CoSENT tasks: one training batch per dataset per step.
+
+    Args:
+        train: task name -> source, a local file (STS-B TSV, SNLI TSV, headerless ``s1\\ts2\\tlabel``) or
+            ``hf:NAME[@CONFIG]:SPLIT`` for Hugging Face ``datasets``.
+        val: dataset name -> source for validation (Spearman per name). May name datasets that are not trained on.
+        holdout: task name -> number of training pairs to hold out (seeded) as that task's validation set, for
+            data that has no separate dev split (e.g. SNLI dev used for training).
+        batch_size: pairs per batch, one value or one per task.
+        mode: how the training loaders of several tasks are combined (Lightning ``CombinedLoader``):
+            ``"max_size_cycle"`` (an epoch is the longest task; shorter ones restart), ``"min_size"``,
+            ``"max_size"``.
+        num_workers: DataLoader workers.
+        seed: seed of the holdout split.
+
+    Example::
+
+        SentencePairDataModule(train={"stsb": "stsb_en/sts-train.tsv", "snli": "snli/snli_1.0_dev.tsv"},
+                               val={"stsb": "stsb_en/sts-dev.tsv"}, holdout={"snli": 2000})
+    """
+
+    def __init__(
+        self,
+        train: dict[str, str] | None = None,
+        val: dict[str, str] | None = None,
+        holdout: dict[str, int] | None = None,
+        batch_size: int | dict[str, int] = 32,
+        mode: Literal["max_size_cycle", "min_size", "max_size"] = "max_size_cycle",
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_sources = dict(train or {})
+        self.val_sources = dict(val or {})
+        self.holdout = dict(holdout or {})
+        for name in self.holdout:
+            if name not in self.train_sources:
+                raise ValueError(f"SentencePairDataModule(holdout=...) names {name!r}, which is not in train.")
+            if name in self.val_sources:
+                raise ValueError(f"SentencePairDataModule: {name!r} has both a val source and a holdout.")
+        if isinstance(batch_size, dict):
+            missing = set(self.train_sources) - set(batch_size)
+            if missing:
+                raise ValueError(f"SentencePairDataModule(batch_size=...) has no batch size for {sorted(missing)}.")
+        self.batch_size = batch_size
+        self.mode = mode
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_sets: dict[str, SentencePairs] = {}
+        self.val_sets: dict[str, SentencePairs] = {}
+
+    def _bs(self, name: str) -> int:
+        return self.batch_size[name] if isinstance(self.batch_size, dict) else self.batch_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_sets or self.val_sets:
+            return
+        for name, src in self.train_sources.items():
+            data = load_pairs(src, name=name)
+            if name in self.holdout:
+                data, held = data.split(self.holdout[name], self.seed)
+                self.val_sets[name] = held
+            self.train_sets[name] = data
+        for name, src in self.val_sources.items():
+            self.val_sets[name] = load_pairs(src, name=name)
+
+    def _loader(self, data: SentencePairs, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=self._bs(name) if shuffle else max(self._bs(name), 64),
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate_pairs, task=name),
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        if not self.train_sets:
+            raise ValueError("SentencePairDataModule has no training data: pass train={name: path, ...}.")
+        return CombinedLoader({n: self._loader(d, n, True) for n, d in self.train_sets.items()}, mode=self.mode)
+
+    def val_dataloader(self) -> CombinedLoader | list:
+        if not self.val_sets:
+            return []
+        return CombinedLoader({n: self._loader(d, n, False) for n, d in self.val_sets.items()}, mode="sequential")
+
+    test_dataloader = val_dataloader

@@ -1,5 +1,6 @@
-"""DDPM on diffusers (Su, https://kexue.fm/archives/9119): the article's schedule, the LightningModule, EMA
-weights, sampling and the sample grid, and image data. Names are imported lazily: the data needs no diffusers."""
+"""DDPM on diffusers (Su, https://kexue.fm/archives/9119): the article's schedule (``schedule``), the
+LightningModule (``model``), EMA weights (``ema``), the sample grid (``sampling``) and image data (``data``). Names
+are imported lazily: the data needs no diffusers."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from lightning_mtl._imports import lazy_exports
 _EXPORTS = {
     "DDPM": "model",
     "UNET_PRESETS": "model",
-    "ArticleCoefficients": "model",
-    "SampleGrid": "model",
-    "article_alphas": "model",
-    "article_coefficients": "model",
-    "ema_weights": "model",
-    "make_grid": "model",
-    "make_noise_scheduler": "model",
-    "save_png": "model",
+    "ArticleCoefficients": "schedule",
+    "article_alphas": "schedule",
+    "article_coefficients": "schedule",
+    "make_noise_scheduler": "schedule",
+    "ema_weights": "ema",
+    "find_weight_averaging": "ema",
+    "SampleGrid": "sampling",
+    "make_grid": "sampling",
+    "save_png": "sampling",
     "ImageDataModule": "data",
     "load_digits_images": "data",
     "load_mnist": "data",

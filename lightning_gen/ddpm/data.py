@@ -1,5 +1,4 @@
-"""Image data for the DDPM: MNIST from its original IDX files, and scikit-learn's digits (the embedded
-default).
+"""Image data for the DDPM: MNIST from its original IDX files, and scikit-learn's digits (the embedded default).
 
 Images come out as float32 tensors of shape ``(N, 1, H, W)`` scaled to :math:`[-1, 1]` (the article's and
 diffusers' convention); :func:`to_unit` maps model output back to :math:`[0, 1]`.
@@ -81,8 +80,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def load_mnist(root: str | os.PathLike[str], split: Literal["train", "test"] = "train") -> tuple[Tensor, Tensor]:
-    """MNIST images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 from ``root`` (``*.gz`` or
-    uncompressed)."""
+    """MNIST images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 from ``root`` (``*.gz`` or uncompressed)."""
     if split not in _MNIST_FILES:
         raise ValueError(f"load_mnist(split=...) must be 'train' or 'test', got {split!r}.")
     root = Path(root)
@@ -92,8 +90,7 @@ def load_mnist(root: str | os.PathLike[str], split: Literal["train", "test"] = "
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise FileNotFoundError(
-                f"MNIST {split} file {stem}(.gz) not found in {root}. Point `root` at the directory "
-                f"with the four "
+                f"MNIST {split} file {stem}(.gz) not found in {root}. Point `root` at the directory with the four "
                 "IDX files (e.g. ../shared/data/mnist)."
             )
         arrays.append(read_idx(found))
@@ -106,8 +103,7 @@ def load_mnist(root: str | os.PathLike[str], split: Literal["train", "test"] = "
 
 
 def load_digits_images() -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1,797 handwritten digits (they ship with scikit-learn): ``(N, 8, 8)`` uint8 in
-    0..255."""
+    """scikit-learn's 1,797 handwritten digits (they ship with scikit-learn): ``(N, 8, 8)`` uint8 in 0..255."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -118,8 +114,7 @@ def load_digits_images() -> tuple[Tensor, Tensor]:
 def resize_images(images: Tensor, size: int | None) -> Tensor:
     """``(N, H, W)`` or ``(N, C, H, W)`` uint8/float -> float32 ``(N, C, size, size)`` in :math:`[-1, 1]`.
 
-    Downsampling averages pixels (``adaptive_avg_pool2d``: 28 -> 14 is an exact 2×2 mean); upsampling is
-    bilinear.
+    Downsampling averages pixels (``adaptive_avg_pool2d``: 28 -> 14 is an exact 2×2 mean); upsampling is bilinear.
     """
     x = images.float()
     if x.ndim == 3:
@@ -137,12 +132,10 @@ def to_unit(x: Tensor) -> Tensor:
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Grey-scale digits for :class:`~lightning_gen.ddpm.DDPM`, as batches of ``(B, 1, H, W)`` in
-    :math:`[-1, 1]`.
+    """Grey-scale digits for :class:`~lightning_gen.ddpm.DDPM`, as batches of ``(B, 1, H, W)`` in :math:`[-1, 1]`.
 
     Args:
-        dataset: ``"digits"`` (scikit-learn's 8×8 digits, no files needed) or ``"mnist"`` (IDX files in
-        ``root``).
+        dataset: ``"digits"`` (scikit-learn's 8×8 digits, no files needed) or ``"mnist"`` (IDX files in ``root``).
         root: the MNIST directory (``train-images-idx3-ubyte.gz`` etc.); required for ``"mnist"``.
         image_size: resize to this side (``None``: keep 28 for MNIST, 8 for digits).
         batch_size: images per batch.

@@ -20,6 +20,7 @@ from torchmetrics import Metric
 
 from lightning_gen.gau.data import ByteTokenizer, CharTokenizer, TextDataModule, make_tokenizer
 from lightning_gen.gau.layer import Attention, GAUStack, Length, Norm
+from lightning_mtl._utils import eval_mode, no_decay_groups, warmup_schedule
 from lightning_mtl.tasks import task_losses
 
 __all__ = ["BitsPerCharacter", "GAULanguageModel", "TextDataModule", "warmup_cosine"]
@@ -57,11 +58,11 @@ class BitsPerCharacter(Metric):
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``.
+
+    :func:`lightning_mtl._utils.warmup_schedule` with ``decay="cosine"``, kept under this name for the benchmarks.
+    """
+    return warmup_schedule(step, warmup, total, decay="cosine", floor=floor)
 
 
 class GAULanguageModel(pl.LightningModule):
@@ -192,31 +193,25 @@ class GAULanguageModel(pl.LightningModule):
         Windows of ``n + 2`` tokens (as from :meth:`TextDataModule.eval_dataloader`) score n positions each.
         """
         metric = BitsPerCharacter().to(self.device)
-        was_training = self.training
-        self.eval()
-        for batch in loader:
-            x, y1, _ = self._split(batch.to(self.device))
-            metric.update(self(x), y1)
-        self.train(was_training)
+        with eval_mode(self):
+            for batch in loader:
+                x, y1, _ = self._split(batch.to(self.device))
+                metric.update(self(x), y1)
         return float(metric.compute())
 
     # --- optimisation ----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and not n.startswith("embed")]
-        rest = [p for n, p in self.named_parameters() if p.ndim < 2 or n.startswith("embed")]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
+        # decay on matrices only: not on gains, offsets or the (tied) embedding; frozen parameters stay in the groups
+        groups = no_decay_groups(self, hp.weight_decay, no_decay_prefixes=("embed",), trainable_only=False)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = hp.max_steps
         if total is None:
             total = self.trainer.estimated_stepping_batches if self._trainer is not None else 10_000
             total = int(total) if math.isfinite(total) else 10_000
         warmup = hp.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.lr_floor)
+            optimizer, lambda step: warmup_schedule(step, warmup, total, decay="cosine", floor=hp.lr_floor)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -255,24 +250,22 @@ class GAULanguageModel(pl.LightningModule):
             raise ValueError("generate(prompt=...) needs a non-empty prompt.")
         if temperature < 0:
             raise ValueError(f"generate(temperature=...) must be >= 0, got {temperature}.")
-        was_training = self.training
-        self.eval()
-        ids = self.tokenizer.encode(prompt).to(self.device)[None]
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(int(seed) if seed is not None else int(torch.randint(2**62, ()).item()))
-        for _ in range(max_new_tokens):
-            window = ids if context is None else ids[:, -context:]
-            logits = self(window)[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = logits.topk(top_k, dim=-1).values[..., -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            ids = torch.cat([ids, nxt], dim=1)
-        self.train(was_training)
+        with eval_mode(self):
+            ids = self.tokenizer.encode(prompt).to(self.device)[None]
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(seed) if seed is not None else int(torch.randint(2**62, ()).item()))
+            for _ in range(max_new_tokens):
+                window = ids if context is None else ids[:, -context:]
+                logits = self(window)[:, -1].float()
+                if temperature == 0:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None and top_k < logits.shape[-1]:
+                        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+                ids = torch.cat([ids, nxt], dim=1)
         return self.tokenizer.decode(ids[0].cpu())
 
 
