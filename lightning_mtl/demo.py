@@ -1,30 +1,38 @@
 """The main job: ``lightning-mtl demo``.
 
-Two multi-task problems built from scikit-learn's digits (they ship with scikit-learn, nothing is downloaded):
+Three multi-task problems built from scikit-learn's digits (they ship with scikit-learn, nothing is downloaded):
 
 ``overlap``
     A MultiMNIST-like problem: two 8×8 digits on an 8×12 canvas, the right one shifted by 4 columns so that they
     overlap in the middle (pixel-wise max). Tasks ``left`` and ``right``: classify each digit; one shared MLP trunk,
     one head per task. PrimaryAuxiliary takes ``left`` as the primary task.
+``scales``
+    The ``overlap`` problem with the ``left`` loss in other units: multiplied by ``10**3``. MTL(1)
+    (https://kexue.fm/archives/8870) argues that a weighting should not care about a task's units: ``Sum`` lets the
+    large-scale task own the shared trunk (an optimiser such as Adam normalises the *sum*, not each task), while
+    ``GradNormalize`` is scale-invariant and ``MGDA`` looks for a direction that lowers every task.
 ``noisy``
     The noisy-label case of MTL(3) (https://kexue.fm/archives/8907): the primary task ``noisy`` is cross-entropy on
     training labels of which ``noise`` are replaced by random labels; the auxiliary task ``clean`` is cross-entropy on
     a small clean set. One network, one head: the tasks differ by data, not by parameters.
 
 Each problem is trained with Sum, GradNormalize, MGDA and PrimaryAuxiliary (parameter mode), with the same seed,
-data and budget; the job prints per-task test accuracy and the median training-step time relative to Sum, and
-saves a PNG.
+data and budget; the job shows one progress bar for all runs, prints per-task test accuracy and the median
+training-step time relative to Sum, and saves a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import logging
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -150,10 +158,15 @@ class DigitsMultiTask(L.LightningModule):
         hidden: int = 256,
         shared_head: bool = False,
         lr: float = 1e-3,
+        loss_scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tasks = list(tasks)
+        unknown = set(loss_scales or {}) - set(self.tasks)
+        if unknown:
+            raise ValueError(f"loss_scales names unknown tasks {sorted(unknown)}; the tasks are {self.tasks}.")
+        self.loss_scales = {t: float((loss_scales or {}).get(t, 1.0)) for t in self.tasks}
         self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden // 2), nn.ReLU())
         n_heads = 1 if shared_head else len(self.tasks)
         self.heads = nn.ModuleList(nn.Linear(hidden // 2, 10) for _ in range(n_heads))
@@ -163,12 +176,17 @@ class DigitsMultiTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         if isinstance(batch, dict):
-            losses = {t: F.cross_entropy(self.head(t)(self.trunk(x)), y) for t, (x, y) in batch.items()}
+            losses = {t: self._scaled(t, self.head(t)(self.trunk(x)), y) for t, (x, y) in batch.items()}
             return mtl.task_losses(self, losses)
         x, y = batch
         z = self.trunk(x)
-        losses = {t: F.cross_entropy(self.head(t)(z), y[:, i]) for i, t in enumerate(self.tasks)}
+        losses = {t: self._scaled(t, self.head(t)(z), y[:, i]) for i, t in enumerate(self.tasks)}
         return mtl.task_losses(self, losses, shared=z)
+
+    def _scaled(self, task: str, logits: Tensor, y: Tensor) -> Tensor:
+        loss = F.cross_entropy(logits, y)
+        scale = self.loss_scales[task]
+        return loss if scale == 1.0 else scale * loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
@@ -216,36 +234,81 @@ def methods(primary: str) -> dict[str, Callable[[], MultiTaskGradient | None]]:
     }
 
 
+PROBLEMS = ("overlap", "scales", "noisy")
+#: the factor on the ``left`` loss in the ``scales`` problem (its "units")
+SCALE = 1e3
+
+
+def _problem(problem: str, seed: int) -> tuple[Callable[[], L.LightningDataModule], dict, str]:
+    """Data factory, model arguments and primary task of one problem."""
+    if problem in ("overlap", "scales"):
+        scales = {"left": SCALE} if problem == "scales" else None
+        kw = dict(tasks=OverlapDigits.tasks, in_dim=96, shared_head=False, loss_scales=scales)
+        return (lambda: OverlapDigits(seed=seed)), kw, "left"
+    if problem == "noisy":
+        return (lambda: NoisyDigits(seed=seed)), dict(tasks=NoisyDigits.tasks, in_dim=64, shared_head=True), "noisy"
+    raise ValueError(f"Unknown problem {problem!r}; choose from {', '.join(map(repr, PROBLEMS))}.")
+
+
+class _Bar(L.Callback):
+    """Advances the demo's one progress bar by one step per training batch."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.bar.update(1)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """No banner, tips, "fit stopped" lines or warnings from the Trainers of the demo's runs."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_demo(
     epochs: int = 8,
     seed: int = 0,
     progress: bool = True,
-    problems: tuple[str, ...] = ("overlap", "noisy"),
+    problems: tuple[str, ...] = PROBLEMS,
     only: tuple[str, ...] | None = None,
     limit_train_batches: int | float = 1.0,
 ) -> list[Result]:
     """Train every (problem, method) pair; return the results (also printed and plotted by :func:`main`).
 
     ``only`` restricts the methods (names as in the table); ``limit_train_batches`` is passed to the Trainer.
+    With ``progress``, one bar counts the training steps of all runs; Lightning's own output is silenced.
     """
-    results = []
+    runs = []
     for problem in problems:
-        if problem == "overlap":
-            make_data: Callable[[], L.LightningDataModule] = lambda: OverlapDigits(seed=seed)  # noqa: E731
-            model_kw = dict(tasks=OverlapDigits.tasks, in_dim=96, shared_head=False)
-            primary = "left"
-        elif problem == "noisy":
-            make_data = lambda: NoisyDigits(seed=seed)  # noqa: E731
-            model_kw = dict(tasks=NoisyDigits.tasks, in_dim=64, shared_head=True)
-            primary = "noisy"
-        else:
-            raise ValueError(f"Unknown problem {problem!r}; choose from 'overlap', 'noisy'.")
-        for name, make_cb in methods(primary).items():
-            if only is not None and name not in only:
-                continue
+        make_data, model_kw, primary = _problem(problem, seed)
+        runs += [(problem, name, make_cb, make_data, model_kw) for name, make_cb in methods(primary).items()]
+    runs = [r for r in runs if only is None or r[1] in only]
+    total = 0
+    for problem in dict.fromkeys(r[0] for r in runs):
+        data = next(r[3] for r in runs if r[0] == problem)()
+        data.setup("fit")
+        n = len(data.train_dataloader())
+        n = min(n, int(limit_train_batches)) if limit_train_batches > 1 else int(n * limit_train_batches)
+        total += epochs * n * sum(r[0] == problem for r in runs)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="lightning-mtl demo", unit="step", disable=not progress, leave=True)
+    results = []
+    with bar, _quiet_lightning():
+        for problem, name, make_cb, make_data, model_kw in runs:
+            bar.set_postfix_str(f"{problem}: {name}")
             L.seed_everything(seed, verbose=False)
             data, model, timer = make_data(), DigitsMultiTask(**model_kw), StepTimer()
-            callbacks = [timer] + ([cb] if (cb := make_cb()) is not None else [])
+            callbacks = [timer, _Bar(bar)] + ([cb] if (cb := make_cb()) is not None else [])
             trainer = L.Trainer(
                 max_epochs=epochs,
                 accelerator="cpu",
@@ -253,14 +316,12 @@ def run_demo(
                 logger=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,
-                enable_progress_bar=progress,
+                enable_progress_bar=False,
                 callbacks=callbacks,
                 num_sanity_val_steps=0,
                 check_val_every_n_epoch=epochs,
                 limit_train_batches=limit_train_batches,
             )
-            if progress:
-                print(f"\n[{problem}] {name}")
             trainer.fit(model, data)
             metrics = trainer.test(model, data, verbose=False)[0]
             acc = {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("test_acc/")}
@@ -309,11 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="lightning-mtl-demo")
-    parser.add_argument("--problems", default="overlap,noisy", help="comma-separated: overlap, noisy")
+    parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated: " + ", ".join(PROBLEMS))
     parser.add_argument("--limit-train-batches", type=float, default=1.0, help="fraction (<=1) or number of batches")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
