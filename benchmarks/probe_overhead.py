@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe
+from lightning_mtl.callbacks import GradientMagnitudeProbe, ResidualProbe
 
 WARMUP = 10
 

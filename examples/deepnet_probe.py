@@ -4,8 +4,8 @@ Su (https://kexue.fm/archives/8994, METHODS §12) and DeepNet (Wang et al., arXi
 https://kexue.fm/archives/8978) argue that the change of the model in one optimizer step grows with depth unless the
 residual branches are scaled down. This script trains the same deep stack of FFN blocks
 :math:`F(x) = W_2\,\mathrm{ReLU}(W_1 x)` on scikit-learn's digits (8×8 images, 10 classes; ships with scikit-learn)
-in five variants and measures, with :class:`~lightning_mtl.callbacks.probes.ResidualProbe` and
-:class:`~lightning_mtl.callbacks.probes.GradientMagnitudeProbe` at every step:
+in five variants and measures, with :class:`~lightning_mtl.callbacks.ResidualProbe` and
+:class:`~lightning_mtl.callbacks.GradientMagnitudeProbe` at every step:
 
 ========== =============================================== =====================================================
 variant    block                                           notes

@@ -1,4 +1,4 @@
-"""Tests of the training probes (lightning_mtl.callbacks.probes, lightning_mtl.probes_math)."""
+"""Tests of the training probes (lightning_mtl.callbacks.GradientMagnitudeProbe/ResidualProbe, lightning_mtl.probes)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe, find_residual_blocks
-from lightning_mtl.probes_math import parameter_stats, reduce_sharded_rows, select_layers
+from lightning_mtl.callbacks import GradientMagnitudeProbe, ResidualProbe
+from lightning_mtl.probes import find_residual_blocks, parameter_stats, reduce_sharded_rows, select_layers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,8 +121,8 @@ def test_gradient_probe_equals_hand_computation_sgd(tmp_path):
     with torch.no_grad():
         loss_after = ref.loss(batches[1])
 
-    (entry,) = probe.history
-    assert entry["step"] == 2
+    assert [h["step"] for h in probe.history] == [1, 2]  # the first step of fit is always probed
+    entry = probe.history[-1]
     total = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
     assert entry["grad_norm/total"] == pytest.approx(total, rel=1e-6)
     layer = "blocks.1.ffn.0"
@@ -178,7 +178,7 @@ def test_residual_probe_equals_hand_computation(tmp_path):
     probe = ResidualProbe(every_n_steps=2, probe_size=5)
     trainer(tmp_path, 4, [probe]).fit(model, data())
     assert probe.block_names == ["blocks.0", "blocks.1", "blocks.2"]
-    assert [h["step"] for h in probe.history] == [0, 2, 4]
+    assert [h["step"] for h in probe.history] == [0, 1, 2, 4]  # reference, first step, every 2nd
     x = next(iter(data()))[0][:5]
     with torch.no_grad():
         h0 = ref.inp(x)
@@ -223,7 +223,7 @@ def test_probes_do_not_change_training_bitwise(tmp_path):
     plain, rng_plain = _train(tmp_path / "a", [])
     probes = [GradientMagnitudeProbe(every_n_steps=2), ResidualProbe(every_n_steps=2)]
     probed, rng_probed = _train(tmp_path / "b", probes)
-    assert len(probes[0].history) == 3 and len(probes[1].history) == 4
+    assert len(probes[0].history) == 4 and len(probes[1].history) == 5  # steps (0,) 1, 2, 4, 6
     assert "loss_change/observed" in probes[0].history[0]
     for (n, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items(), strict=True):
         assert torch.equal(a, b), n  # parameters and BatchNorm buffers
@@ -416,7 +416,8 @@ def test_per_task_norms_and_cosines_from_the_engine(tmp_path):
     mtl = MultiTaskGradient(MGDA())
     probe = GradientMagnitudeProbe(every_n_steps=2)
     trainer(tmp_path, 2, [probe, mtl]).fit(TwoTasks(), data())  # the probe listed first still sees this step
-    (entry,) = probe.history
+    entry = probe.history[-1]
+    assert entry["step"] == 2
     gram = mtl.engine.last_gramian
     assert entry["task/grad_norm/a"] == pytest.approx(float(gram[0, 0].sqrt()), rel=1e-6)
     assert entry["task/grad_norm/b"] == pytest.approx(float(gram[1, 1].sqrt()), rel=1e-6)
@@ -459,3 +460,248 @@ def test_branch_option_and_dict_batch_message(tmp_path):
     probe = ResidualProbe(every_n_steps=1, forward_fn=lambda m, batch: m(batch["x"]))
     trainer(tmp_path, 1, [probe]).fit(DictNet(), loader)
     assert [h["step"] for h in probe.history] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 16, item 8: short runs
+# ------------------------------------------------------------------------------------------------------------------
+def _fit_seeded(tmp_path, callbacks, **kw):  # type: ignore[no-untyped-def]
+    torch.manual_seed(2)
+    model = Net(opt="adam", lr=1e-2, dropout=0.3)
+    trainer(tmp_path, kw.pop("steps", -1), callbacks, **kw).fit(model, data(n=16, batch=8))
+    return model
+
+
+@pytest.mark.parametrize(("limit", "last"), [({"steps": 5}, 5), ({"max_epochs": 3}, 6)])
+def test_short_run_records_first_and_last_step_and_plots_without_warning(tmp_path, limit, last):
+    """Fewer steps than every_n_steps (default 50): the first and the last step are probed, the PNGs are drawn,
+    matplotlib does not warn, and training is bitwise the same as without the probes."""
+    import warnings
+
+    plain = _fit_seeded(tmp_path / "plain", [], **dict(limit))
+    gp, rp = GradientMagnitudeProbe(), ResidualProbe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probed = _fit_seeded(tmp_path / "probed", [gp, rp], **dict(limit))
+    assert [h["step"] for h in gp.history] == [1, last]
+    assert [h["step"] for h in rp.history] == [0, 1, last]
+    assert "loss_change/observed" in gp.history[-1]
+    problems = [str(w.message) for w in caught if "matplotlib" in w.filename or "log-scale" in str(w.message)]
+    assert problems == []
+    assert not [w for w in caught if "too little to draw" in str(w.message)]
+    assert os.path.getsize(gp.plot_path) > 1000 and os.path.getsize(rp.plot_path) > 1000
+    for (n, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+class OneLayer(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.blocks, self.out = nn.Identity(), nn.ModuleList(), nn.Linear(3, 2)
+
+
+def test_too_little_to_plot_warns_once_instead_of_an_empty_png(tmp_path):
+    """One layer and one step: no line to draw. One clear warning per probe, no PNG."""
+    probe = GradientMagnitudeProbe()
+    with pytest.warns(UserWarning, match=r"GradientMagnitudeProbe: 1 probe step\(s\) recorded, too little") as rec:
+        trainer(tmp_path, 1, [probe]).fit(OneLayer(), data())
+    assert len(probe.history) == 1 and probe.plot_path is None
+    assert not os.path.exists(os.path.join(str(tmp_path), probe.PLOT_NAME))
+    assert sum("too little" in str(w.message) for w in rec) == 1
+    gp, rp = GradientMagnitudeProbe(), ResidualProbe()
+    with pytest.warns(UserWarning, match="0 probe step") as rec:
+        trainer(tmp_path / "none", 0, [gp, rp]).fit(Net(), data())  # max_steps=0: nothing recorded
+    assert sum("too little" in str(w.message) for w in rec) == 2 and gp.plot_path is None and rp.plot_path is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# issue 16, item 9: dict batches, post-norm blocks
+# ------------------------------------------------------------------------------------------------------------------
+class PostNormBlock(nn.Module):
+    """``LayerNorm(alpha x + F(x))``: Post-LN (alpha = 1) or DeepNorm (alpha > 1)."""
+
+    def __init__(self, width: int, alpha: float) -> None:
+        super().__init__()
+        self.ffn = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.norm = nn.LayerNorm(width)
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.alpha * x + self.ffn(x))
+
+
+def test_post_norm_blocks_measure_the_branch(tmp_path):
+    """LN(αx + F(x)): branch_ratio is ‖F(x)‖/‖αx‖, not ‖LN(...) − x‖/‖x‖; a block whose branch cannot be found
+    (norm(x + 0.5 F(x)): the module output before the add is F(x), not 0.5 F(x)) warns that it is not the ratio."""
+    for alpha in (1.0, 2.0):
+        torch.manual_seed(0)
+        model = Net(depth=3, eps=1.0)
+        model.blocks = nn.ModuleList([PostNormBlock(4, alpha) for _ in range(3)])
+        ref = copy.deepcopy(model)
+        probe = ResidualProbe(every_n_steps=1, probe_size=5)
+        trainer(tmp_path, 1, [probe]).fit(model, data())
+        assert probe.branch_names == probe.block_names == ["blocks.0", "blocks.1", "blocks.2"]
+        x = next(iter(data()))[0][:5]
+        with torch.no_grad():
+            h0 = ref.inp(x)
+            f = ref.blocks[0].ffn(h0)
+            y = ref.blocks[0](h0)
+        ratio = probe.history[0]["branch_ratio/blocks.0"]
+        assert ratio == pytest.approx(float(f.norm() / (alpha * h0.norm())), rel=1e-5)
+        assert ratio != pytest.approx(float((y - h0).norm() / h0.norm()), rel=1e-2)
+    model = Net(depth=3, eps=0.5, norm=True)  # BatchNorm(x + 0.5 ffn(x))
+    probe = ResidualProbe(every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"'blocks.0' \(Block\) is post-norm .* not the branch ratio"):
+        trainer(tmp_path, 1, [probe]).fit(model, data())
+    assert "branch_ratio/blocks.0" in probe.history[0]
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None):  # type: ignore[no-untyped-def]
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        pass
+
+
+class TinyBert(pl.LightningModule):
+    """A 3-layer BERT (post-LN ``BertLayer``s) trained on a Hugging Face style dict batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=37, vocab_size=100
+        )
+        self.bert = BertModel(config)
+        self.head = nn.Linear(32, 1)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        h = self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return (self.head(h[:, 0])[:, 0] - batch["labels"]).square().mean()
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def bert_data() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (16, 7), generator=g)
+    mask = torch.ones(16, 7, dtype=torch.long)
+    mask[::3, 5:] = 0
+    labels = torch.randn(16, generator=g)
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(16)]
+    return DataLoader(rows, batch_size=8)
+
+
+def bert_branch_ratios(model: TinyBert, batch: dict, rows: int) -> dict[str, float]:  # type: ignore[type-arg]
+    """By hand with forward hooks: per BertLayer, the attention and FFN sub-layer outputs before the add
+    (``attention.output.dropout``, ``output.dropout``) against the residual input of ``LayerNorm(b + input)``."""
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    handles = []
+    for i, layer in enumerate(model.bert.encoder.layer):
+        prefix = f"bert.encoder.layer.{i}"
+        for sub, name in ((layer.attention.output, f"{prefix}.attention.output"), (layer.output, f"{prefix}.output")):
+            rec = seen.setdefault(name, {})
+            handles.append(sub.register_forward_pre_hook(lambda m, args, rec=rec: rec.update(r=args[1])))
+            handles.append(sub.dropout.register_forward_hook(lambda m, args, out, rec=rec: rec.update(b=out)))
+    model.eval()
+    with torch.no_grad():
+        model.bert(input_ids=batch["input_ids"][:rows], attention_mask=batch["attention_mask"][:rows])
+    model.train()
+    for h in handles:
+        h.remove()
+    return {name: float(rec["b"].norm() / rec["r"].norm()) for name, rec in seen.items()}
+
+
+def test_dict_batch_and_post_norm_bert(tmp_path):
+    """A Hugging Face dict batch works without forward_fn, and BertLayer's branch ratios are the sub-layers' (before
+    LayerNorm(b + input)), checked by hand at step 0 and after training; training is bitwise unchanged."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    initial = TinyBert()
+    batch = next(iter(bert_data()))
+    expected0 = bert_branch_ratios(copy.deepcopy(initial), batch, rows=6)
+
+    plain = copy.deepcopy(initial)
+    torch.manual_seed(1)
+    trainer(tmp_path / "plain", 3, []).fit(plain, bert_data())
+    model, logger = copy.deepcopy(initial), MemoryLogger()
+    probe = ResidualProbe(every_n_steps=2, probe_size=6, log_blocks="first", plot=False)
+    torch.manual_seed(1)
+    trainer(tmp_path / "probed", 3, [probe], logger=logger).fit(model, bert_data())
+    for (n, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+    assert probe.block_names == [f"bert.encoder.layer.{i}" for i in range(3)]
+    assert probe.branch_names == list(expected0)  # attention.output, output per layer, in depth order
+    assert [h["step"] for h in probe.history] == [0, 1, 2, 3]
+    for name, value in expected0.items():
+        assert probe.history[0][f"branch_ratio/{name}"] == pytest.approx(value, rel=1e-5)
+    expected3 = bert_branch_ratios(model, batch, rows=6)
+    for name, value in expected3.items():
+        assert probe.history[-1][f"branch_ratio/{name}"] == pytest.approx(value, rel=1e-5)
+    assert "branch_ratio/bert.encoder.layer.0" not in probe.history[0]  # not ‖LN(x + F(x)) − x‖/‖x‖
+    step, logged = logger.logged[-1]
+    assert step == 3
+    ratios = {k for k in logged if k.startswith("probe/branch_ratio/")}
+    first = "probe/branch_ratio/bert.encoder.layer.0"
+    assert ratios == {f"{first}.attention.output", f"{first}.output"}
+    for key in ratios:
+        assert logged[key] == pytest.approx(expected3[key.removeprefix("probe/branch_ratio/")], rel=1e-5)
+    with torch.no_grad():
+        model.eval()
+        out = model.bert(input_ids=batch["input_ids"][:6], attention_mask=batch["attention_mask"][:6])
+    assert probe.history[-1]["output_norm"] == pytest.approx(float(out.last_hidden_state.norm()), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# old import paths
+# ------------------------------------------------------------------------------------------------------------------
+def test_old_paths_warn_and_name_the_new_ones():
+    import lightning_mtl.callbacks.probes as old_callbacks
+    import lightning_mtl.probes_math as old_math
+    from lightning_mtl._utils import RngState
+    from lightning_mtl.engine import summarize_step
+
+    with pytest.warns(DeprecationWarning, match=r"moved to lightning_mtl\.callbacks\.ResidualProbe"):
+        assert old_callbacks.ResidualProbe is ResidualProbe
+    with pytest.warns(DeprecationWarning, match=r"moved to lightning_mtl\.probes\.find_residual_blocks"):
+        assert old_callbacks.find_residual_blocks is find_residual_blocks
+    with pytest.warns(DeprecationWarning, match=r"moved to lightning_mtl\.probes\.select_layers"):
+        assert old_math.select_layers is select_layers
+    with pytest.warns(DeprecationWarning, match=r"moved to lightning_mtl\._utils\.RngState"):
+        assert old_math.RngState is RngState
+    gram = torch.tensor([[4.0, -2.0], [-2.0, 9.0]], dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="summarize_step"):
+        norms, cos = old_math.gramian_norms_cosines(gram)
+    summary = summarize_step(["a", "b"], gram, torch.ones(2))
+    assert torch.equal(norms, summary.norms) and torch.equal(cos, summary.cosines)
+
+
+def test_model_call_picks_module_or_hf_model_and_drops_labels():
+    from lightning_mtl.probes import model_call, positive_multiple
+
+    class Named(nn.Module):
+        def forward(self, input_ids, attention_mask=None):  # type: ignore[no-untyped-def]
+            return input_ids
+
+    batch = {"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3), "labels": torch.zeros(2), "id": [1, 2]}
+    target, kwargs = model_call(Named(), batch)  # type: ignore[misc]
+    assert isinstance(target, Named) and sorted(kwargs) == ["attention_mask", "input_ids"]
+    assert model_call(Net(), {"x": torch.ones(2, 3)}) is None  # no model input key: forward_fn is needed
+    r, x = torch.tensor([2.0, 4.0], dtype=torch.float64), torch.tensor([1.0, 2.0])
+    assert positive_multiple(r, [None, x], 1e-9) and not positive_multiple(-r, [x], 1e-9)

@@ -1,6 +1,7 @@
-"""Lightning callbacks: thin adapters over :mod:`lightning_mtl.engine` and the probes."""
+"""Lightning callbacks: thin adapters over :mod:`lightning_mtl.engine` and the probes (one callback per module)."""
 
+from lightning_mtl.callbacks.gradient_probe import GradientMagnitudeProbe
 from lightning_mtl.callbacks.multitask import MultiTaskGradient
-from lightning_mtl.callbacks.probes import GradientMagnitudeProbe, ResidualProbe
+from lightning_mtl.callbacks.residual_probe import ResidualProbe
 
 __all__ = ["GradientMagnitudeProbe", "MultiTaskGradient", "ResidualProbe"]
