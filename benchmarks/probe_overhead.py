@@ -116,7 +116,7 @@ def chunk(config: str, args: argparse.Namespace, loader: DataLoader) -> tuple[fl
     box = {"seconds": 0.0}
     probes = [self_timed(p, window, box) for p in make_probes(config)]
     trainer = pl.Trainer(
-        max_steps=WARMUP + args.steps,
+        max_steps=WARMUP + args.steps + 1,  # the fit's last step, which the probes always record, is not timed
         callbacks=[*probes, window],
         logger=False,
         enable_checkpointing=False,
