@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import lightning_mtl.heads as _rope
+
 __all__ = ["GAU", "Attention", "GAUStack", "Length", "Norm", "ScaleOffset", "apply_rotary", "rotary_cos_sin"]
 
 Attention = Literal["relu2", "softmax", "softmax_plus"]
@@ -57,23 +59,18 @@ Length = Literal["visible", "total"]
 Norm = Literal["pre", "post"]
 
 
-def rotary_cos_sin(n: int, dim: int, *, base: float = 10000.0, offset: int = 0, device=None, dtype=None):
-    """cos and sin tables ``(n, dim)`` of rotary positions ``offset .. offset + n - 1`` (rotate-half layout)."""
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    t = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv)
-    freqs = torch.cat([freqs, freqs], dim=-1)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+def rotary_cos_sin(
+    n: int, dim: int, *, base: float = 10000.0, offset: int = 0, device=None, dtype=None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables ``(n, dim)`` of rotary positions ``offset .. offset + n - 1`` in the rotate-half layout
+    (:func:`lightning_mtl.heads.rotary_cos_sin` with ``layout="half"``)."""
+    return _rope.rotary_cos_sin(n, dim, base=base, offset=offset, layout="half", device=device, dtype=dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding (RoFormer, https://kexue.fm/archives/8265) on the last ``cos.shape[-1]`` features."""
-    d = cos.shape[-1]
-    x_rot, x_pass = x[..., :d], x[..., d:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = x_rot * cos + rotated * sin
-    return out if x_pass.shape[-1] == 0 else torch.cat([out, x_pass], dim=-1)
+    """Rotary position embedding (RoFormer, https://kexue.fm/archives/8265) on the first ``cos.shape[-1]`` features,
+    rotate-half layout (:func:`lightning_mtl.heads.apply_rotary` with ``layout="half"``)."""
+    return _rope.apply_rotary(x, cos, sin, layout="half")
 
 
 class ScaleOffset(nn.Module):
