@@ -136,7 +136,7 @@ class TextDataModule(pl.LightningDataModule):
 
     @property
     def vocab(self) -> str:
-        """``"byte"`` or the character vocabulary: pass it to ``GAULanguageModel(vocab=...)``."""
+        """The vocabulary to pass to ``GAULanguageModel(vocab=...)``, ``"byte"`` or the characters as a string."""
         return self.tokenizer.vocab
 
     def train_dataloader(self) -> DataLoader:
