@@ -333,3 +333,84 @@ def test_torchjd_weightings_plug_in():
     assert ((jac @ u) >= -1e-5).all()  # UPGrad's guarantee: no task conflicts with the update
     with pytest.raises(TypeError, match="Weighting"):
         mtl.as_weighting(lambda g: g)
+
+
+# --- torchjd aggregators and classes passed as weightings (issue 16) ---------------------------------------------
+def test_torchjd_upgrad_aggregator_gives_the_upgrad_weighting():
+    """UPGrad() maps a Jacobian to a vector; passed as a weighting it must act as UPGradWeighting() on the Gramian,
+    not be applied to the Gramian as if it were a Jacobian (which gave [0.839, 1.102] on this G)."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    gram = torch.tensor([[4.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    from_aggregator = mtl.as_weighting(aggregation.UPGrad())(gram)
+    from_weighting = mtl.as_weighting(aggregation.UPGradWeighting())(gram)
+    torch.testing.assert_close(from_aggregator, from_weighting, rtol=0, atol=0)
+    torch.testing.assert_close(from_aggregator, torch.tensor([0.625, 0.9998], dtype=torch.float64), atol=1e-4, rtol=0)
+    for seed in range(10):
+        jac = torch.randn(5, 3 + seed, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        gram = jac @ jac.T
+        torch.testing.assert_close(
+            mtl.as_weighting(aggregation.UPGrad())(gram), mtl.as_weighting(aggregation.UPGradWeighting())(gram)
+        )
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "weighting"),
+    [
+        ("MGDA", "MGDAWeighting"),
+        ("DualProj", "DualProjWeighting"),
+        ("IMTLG", "IMTLGWeighting"),
+        ("AlignedMTL", "AlignedMTLWeighting"),
+        ("Mean", "MeanWeighting"),
+        ("Sum", "SumWeighting"),
+    ],
+)
+def test_torchjd_weighted_aggregators_match_their_weightings(aggregator, weighting):
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    for seed in range(5):
+        jac = torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        gram = jac @ jac.T
+        ours = mtl.as_weighting(getattr(aggregation, aggregator)())(gram)
+        theirs = mtl.as_weighting(getattr(aggregation, weighting)())(gram)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        # and the update equals what the aggregator itself computes from the Jacobian
+        direct = getattr(aggregation, aggregator)()(jac)
+        torch.testing.assert_close(ours @ jac, direct, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda a: a.ConFIG(), "ConFIG does not combine the task gradients with weights"),
+        (lambda a: a.TrimmedMean(trim_number=1), "TrimmedMean does not combine"),
+        (lambda a: a.GradDrop(), "GradDrop does not combine"),
+        (lambda a: a.ExcessMTL(), r"ExcessMTL's weighting \(ExcessMTLWeighting\) reads the Jacobian itself"),
+    ],
+)
+def test_torchjd_aggregators_without_a_gramian_weighting_are_refused(make, message):
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    with pytest.raises(TypeError, match=message) as info:
+        mtl.as_weighting(make(aggregation))
+    assert "maps the K×n Jacobian to an update vector" in str(info.value)
+    assert "UPGradWeighting()" in str(info.value)
+
+
+def test_torchjd_jacobian_weightings_are_refused():
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    with pytest.raises(TypeError, match="ExcessMTLWeighting, which reads the K×n Jacobian itself"):
+        mtl.as_weighting(aggregation.ExcessMTLWeighting())
+    with pytest.raises(TypeError, match="reads the K×n Jacobian itself"):
+        mtl.as_weighting(aggregation.UPGrad().weighting)  # UPGradWeighting composed with compute_gramian
+    # a wrapper of a Gramian weighting is fine
+    gram = torch.tensor([[4.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    wrapped = mtl.as_weighting(aggregation.CRMOGMWeighting(aggregation.UPGradWeighting()))
+    torch.testing.assert_close(wrapped(gram), mtl.as_weighting(aggregation.UPGradWeighting())(gram))
+
+
+def test_a_class_instead_of_an_instance_says_so():
+    with pytest.raises(TypeError, match=r"got the class MGDA: pass an instance, e\.g\. `MGDA\(\)`"):
+        mtl.as_weighting(mtl.MGDA)
+    with pytest.raises(TypeError, match=r"pass an instance, e\.g\. `GradNormalize\(\)`"):
+        mtl.as_weighting(mtl.GradNormalize)
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    with pytest.raises(TypeError, match=r"pass an instance, e\.g\. `UPGradWeighting\(\)`"):
+        mtl.as_weighting(aggregation.UPGradWeighting)
