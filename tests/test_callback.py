@@ -393,3 +393,143 @@ def test_no_shared_parameter_is_an_error():
 
     with pytest.raises(ValueError, match="No parameter is reached by more than one task"):
         trainer(max_steps=1, callbacks=[MultiTaskGradient(mtl.Mean())]).fit(Separate(), loader(make_data()))
+
+
+# --- named shared parameters --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shared",
+    ["trunk", ["trunk.0", "trunk.2"], lambda m: m.trunk, lambda m: list(m.trunk.parameters())],
+    ids=["path", "paths", "callable-module", "callable-parameters"],
+)
+def test_named_shared_parameters_equal_the_found_ones(shared):
+    ds = make_data(dtype=torch.float64)
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    found, named = copy.deepcopy(model), copy.deepcopy(model)
+    trainer(max_steps=3, precision="64-true", callbacks=[MultiTaskGradient(mtl.MGDA())]).fit(found, loader(ds))
+    cb = MultiTaskGradient(mtl.MGDA(), shared_parameters=shared)
+    trainer(max_steps=3, precision="64-true", callbacks=[cb]).fit(named, loader(ds))
+    assert [id(p) for p in cb.engine.shared_params] == [id(p) for p in named.trunk.parameters()]
+    for pa, pb in zip(found.parameters(), named.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_named_shared_parameters_are_used_exactly():
+    """Only the named layer is combined; the rest keeps the plain sum of the task gradients (the backward's)."""
+    ds = make_data(dtype=torch.float64)
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    recorder = GradRecorder()
+    cb = MultiTaskGradient(mtl.GradNormalize(), shared_parameters="trunk.2")
+    trainer(max_steps=1, precision="64-true", callbacks=[cb, recorder]).fit(copy.deepcopy(model), loader(ds))
+    named = list(model.trunk[2].parameters())
+    jac = per_task_grads(model, ds[:8], named)
+    expected = mtl.GradNormalize()(jac @ jac.T) @ jac
+    got = torch.cat([recorder.grads[0][f"trunk.2.{n}"].reshape(-1) for n, _ in model.trunk[2].named_parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    plain = per_task_grads(model, ds[:8], [model.trunk[0].weight]).sum(0).view_as(model.trunk[0].weight)
+    torch.testing.assert_close(recorder.grads[0]["trunk.0.weight"], plain, rtol=1e-9, atol=1e-12)
+
+
+def test_named_shared_parameters_bad_use():
+    with pytest.raises(ValueError, match="'stem' is neither a submodule nor a parameter of TwoHeads"):
+        trainer(max_steps=1, callbacks=[MultiTaskGradient(mtl.MGDA(), shared_parameters="stem")]).fit(
+            TwoHeads(), loader(make_data())
+        )
+    stranger = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not parameters of TwoHeads"):
+        trainer(max_steps=1, callbacks=[MultiTaskGradient(mtl.MGDA(), shared_parameters=stranger)]).fit(
+            TwoHeads(), loader(make_data())
+        )
+    with pytest.raises(MisconfigurationException, match="only applies to mode='parameter'"):
+        MultiTaskGradient(mtl.MGDA(), mode="representation", shared_parameters="trunk")
+
+
+# --- one task -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["parameter", "representation"])
+def test_one_task_trains_bit_for_bit_as_without_the_callback(mode, tmp_path):
+    """K = 1: nothing to weight. Even a weighting that would rescale (GradNormalize(scale="unit") gives 1/|g|) must
+    leave training exactly as without the callback; one warning; the logged weight is 1 and the logged norm is the
+    true one (the whole gradient in parameter mode, dL/dz in representation mode)."""
+    ds = make_data(k=1)
+    torch.manual_seed(0)
+    model = TwoHeads(k=1)
+    with_cb, without = copy.deepcopy(model), copy.deepcopy(model)
+    cb = MultiTaskGradient(mtl.GradNormalize(scale="unit"), mode=mode)
+    recorder = GradRecorder()
+    logger = CSVLogger(tmp_path, name="run")
+    with pytest.warns(UserWarning, match="Only one task loss") as caught:
+        trainer(max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[cb, recorder]).fit(with_cb, loader(ds))
+    trainer(max_epochs=2).fit(without, loader(ds))
+    for pa, pb in zip(with_cb.parameters(), without.parameters()):
+        assert torch.equal(pa, pb)
+    assert sum("Only one task loss" in str(w.message) for w in caught) == 1
+
+    last = len(recorder.grads) - 1
+    if mode == "parameter":
+        expected = torch.cat([g.reshape(-1) for g in recorder.grads[last].values()]).double().norm()
+    else:
+        m = copy.deepcopy(model)
+        m.load_state_dict(recorder.params_before[last])
+        losses, z = m.task_dict(ds[(last % 4) * 8 : (last % 4 + 1) * 8])
+        expected = torch.autograd.grad(losses["t0"], z)[0].double().norm()
+    step = cb.last_step
+    assert step.tasks == ("t0",) and step.weights.tolist() == [1.0]
+    torch.testing.assert_close(step.norms[0], expected, rtol=1e-6, atol=0)
+    rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    header, values = rows[0].split(","), rows[-1].split(",")
+    logged = dict(zip(header, values))
+    assert float(logged["mtl/weight/t0"]) == 1.0
+    assert float(logged["mtl/grad_norm/t0"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+# --- manual optimisation: the engine driven by hand -----------------------------------------------------------------
+def test_manual_optimisation_refusal_points_to_engine_backward():
+    class Manual(TwoHeads):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            return None
+
+    with pytest.raises(MisconfigurationException, match=r"engine\.backward\(.*backward=self\.manual_backward"):
+        trainer(max_steps=1, callbacks=[MultiTaskGradient(mtl.Mean())]).fit(Manual(), loader(make_data()))
+
+
+def test_manual_optimisation_with_two_optimizers_matches_the_callback():
+    """What the refusal message says to do: engine.backward(..., backward=self.manual_backward), engine.apply(), then
+    the optimizers' steps; with one optimizer for the trunk and one for the heads it takes the callback's steps."""
+
+    class TwoOptimizers(TwoHeads):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.engine = mtl.GradientEngine(mtl.MGDA())
+
+        def training_step(self, batch, batch_idx):
+            trunk_opt, heads_opt = self.optimizers()
+            losses, _ = self.task_dict(batch)
+            trunk_opt.zero_grad()
+            heads_opt.zero_grad()
+            self.engine.backward(losses, module=self, backward=self.manual_backward)
+            self.engine.apply()
+            trunk_opt.step()
+            heads_opt.step()
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.SGD(self.trunk.parameters(), lr=self.lr),
+                torch.optim.SGD(self.heads.parameters(), lr=self.lr),
+            ]
+
+    ds = make_data(dtype=torch.float64)
+    torch.manual_seed(0)
+    manual = TwoOptimizers().double()
+    automatic = TwoHeads().double()
+    automatic.load_state_dict(manual.state_dict())
+    trainer(max_epochs=2, precision="64-true").fit(manual, loader(ds))
+    trainer(max_epochs=2, precision="64-true", callbacks=[MultiTaskGradient(mtl.MGDA())]).fit(automatic, loader(ds))
+    assert manual.engine.steps == 8
+    for pa, pb in zip(manual.parameters(), automatic.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-14)

@@ -216,13 +216,15 @@ FSDP2_CONFIGS = [f"parameter:{name}:1:2:" for name in WEIGHTINGS] + [
     "parameter:MGDA:1:3:",  # two task backwards per step, uneven shards
     "parameter:GradNormalize:1:3:exact",  # subtract_last=False
     "representation:MGDA:1:2:",
+    "parameter:MGDA:1:1:",  # one task: training left as it is, the gradient norm read from the DTensor shards
 ]
 FSDP2_ERRORS = {"parameter:MGDA:1:2:nosync": "gradient sync is off", "parameter:MGDA:1:2:unsharded": "fully_shard"}
 
 
 def test_fsdp2_equals_one_process(tmp_path):
     """ModelParallelStrategy (FSDP2, fully_shard) on 2 processes: every weighting in parameter mode, with
-    accumulate_grad_batches=2, with K=3 on uneven shards, with subtract_last=False, and representation mode give the
+    accumulate_grad_batches=2, with K=3 on uneven shards, with subtract_last=False, with K=1 (nothing weighted; the
+    logged norm is the global one), and representation mode give the
     parameters of one process on the concatenated batch (so of the DDP runs above). With FSDP2's gradient sync off,
     or without fully_shard, parameter mode stops with a message. Run as a script: the strategy re-launches it."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -249,6 +251,9 @@ def test_fsdp2_equals_one_process(tmp_path):
         for a, c in zip(sharded, single.parameters(), strict=True):
             torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6, msg=config)
         assert not torch.equal(sharded[0], initial[0]), f"{config}: did not train"
+        if k == "1":  # the norm of the whole gradient, from the shards of both ranks
+            norms = torch.load(tmp_path / f"{config.replace(':', '_')}.rank0.norms.pt")
+            torch.testing.assert_close(norms, callback.last_step.norms, rtol=1e-4, atol=0, msg=config)
     for config, message in FSDP2_ERRORS.items():
         for rank in (0, 1):
             assert message in (tmp_path / f"{config.replace(':', '_')}.rank{rank}.txt").read_text(), config

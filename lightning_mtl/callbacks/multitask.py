@@ -26,7 +26,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_mtl.engine import GradientEngine, StepSummary
+from lightning_mtl.engine import GradientEngine, SharedParameters, StepSummary
+from lightning_mtl.engine._compile import DonatedBufferSwitch
 from lightning_mtl.tasks import pop_task_losses
 from lightning_mtl.weighting import Weighting
 
@@ -46,6 +47,29 @@ class MultiTaskGradient(Callback):
     ``fully_shard``), in both modes; every rank computes the same weights from the global task gradients.
     ``strategy="fsdp"`` (FSDP1) and DeepSpeed are refused at setup.
 
+    **torch.compile.** Supported, with the same update as the eager module:
+
+    * a compiled submodule (``self.encoder = torch.compile(encoder)``, e.g. a Hugging Face encoder fed batches padded
+      to different lengths, so with dynamic-shape recompiles): both modes;
+    * the whole module (``trainer.fit(torch.compile(module))``): parameter mode. Representation mode refuses it with a
+      message: trunk and heads compiled into one graph hide the shared features ``z`` from autograd; compile the
+      trunk (any submodule that ends at ``z``) instead.
+
+    A compiled graph is one autograd node that lists every parameter it reads, so parameter mode finds the shared
+    parameters behind it by probing each task once per detection (see :mod:`lightning_mtl.engine.detect`), or takes
+    them from ``shared_parameters=``. Where the probe cannot tell (a task whose loss the compiler folded away, e.g.
+    ``0 * loss`` under inductor; a compiled graph over FSDP2 shards), it raises and asks for ``shared_parameters=``.
+    Each task's backward runs through the same compiled graph, which torch forbids for graphs compiled with donated
+    buffers; the callback therefore sets ``torch._functorch.config.donated_buffer = False`` while each training
+    forward runs (graphs compiled then donate nothing; it costs only the memory the backward would have reused) and
+    restores the previous value before the backward. The engine's own per-task backwards run with it off too, after
+    checking that no graph on the way was compiled with donated buffers: a graph compiled earlier under torch's
+    default (an earlier fit or forward without the callback) stops the fit with a message instead of running twice;
+    call ``torch._dynamo.reset()`` before the fit. Nothing is changed for a module that is not compiled.
+
+    **One task.** With a single task loss there is nothing to weight: the callback leaves training exactly as it
+    would be without it (bit for bit, both modes), warns once, and logs weight 1 and the task's true gradient norm.
+
     Args:
         weighting: how to weight the tasks: :class:`~lightning_mtl.Mean`, :class:`~lightning_mtl.Sum`,
             :class:`~lightning_mtl.GradNormalize`, :class:`~lightning_mtl.MGDA`,
@@ -63,9 +87,14 @@ class MultiTaskGradient(Callback):
         rank_local: representation mode under DDP: weight with each rank's own Gramian (no all-reduce).
         subtract_last: parameter mode: recover the last task's gradient by subtraction (K backward passes; put the
             dominant loss last under fp16) or compute it explicitly (``False``, K+1 passes).
+        shared_parameters: parameter mode: name the shared parameters instead of letting the callback find them: an
+            attribute path of the module (``"trunk"``, ``"encoder.layers"``; a list of paths from a LightningCLI
+            config), a module, an iterable of parameters, or a callable ``module -> any of these``. Default: the
+            parameters that more than one task loss reaches.
 
     Raises:
-        MisconfigurationException: for manual optimisation, or a strategy that is not supported.
+        MisconfigurationException: for manual optimisation (drive :class:`~lightning_mtl.engine.GradientEngine`
+            with ``engine.backward(...)`` instead), or a strategy that is not supported.
         ValueError / TypeError: at the first step, if ``training_step`` did not return ``task_losses(...)``, a task
             loss is not a scalar, the task set changes between steps, or ``shared`` is missing or detached in
             representation mode. ``FloatingPointError`` if a task loss is NaN/inf (with ``validate=True`` and no
@@ -88,6 +117,7 @@ class MultiTaskGradient(Callback):
         log: bool = True,
         rank_local: bool = False,
         subtract_last: bool = True,
+        shared_parameters: SharedParameters | None = None,
     ) -> None:
         if mode not in ("parameter", "representation"):
             raise MisconfigurationException(
@@ -95,10 +125,22 @@ class MultiTaskGradient(Callback):
             )
         if rank_local and mode != "representation":
             raise MisconfigurationException("MultiTaskGradient(rank_local=True) only applies to mode='representation'.")
-        self.engine = GradientEngine(weighting, mode, rank_local=rank_local, subtract_last=subtract_last)
+        if shared_parameters is not None and mode != "parameter":
+            raise MisconfigurationException(
+                "MultiTaskGradient(shared_parameters=...) only applies to mode='parameter'; representation mode reads "
+                "the shared features from task_losses(..., shared=z)."
+            )
+        self.engine = GradientEngine(
+            weighting,
+            mode,
+            rank_local=rank_local,
+            subtract_last=subtract_last,
+            shared_parameters=shared_parameters,
+        )
         self.validate = validate
         self.log = log
         self._checked = False
+        self._donated = DonatedBufferSwitch()
 
     @property
     def weighting(self) -> Weighting:
@@ -110,8 +152,8 @@ class MultiTaskGradient(Callback):
 
     @property
     def last_step(self) -> StepSummary | None:
-        """Read-only view of the last optimiser step: task names, Gramian, weights, gradient norms and cosines
-        (``None`` before the first step). The logged metrics and the probes read it."""
+        """A read-only view of the last optimiser step, with task names, Gramian, weights, gradient norms and
+        cosines (``None`` before the first step). The logged metrics and the probes read it."""
         return self.engine.last_step
 
     @property
@@ -125,9 +167,11 @@ class MultiTaskGradient(Callback):
             return
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
-                "MultiTaskGradient works with automatic optimisation only. With manual optimisation, drive "
-                "lightning_mtl.engine.GradientEngine yourself: engine.capture(record) before "
-                "self.manual_backward(loss), engine.apply() before optimizer.step()."
+                "MultiTaskGradient works with automatic optimisation only. With manual optimisation, drive the engine "
+                "yourself: create `self.engine = lightning_mtl.GradientEngine(weighting)` once, and in training_step "
+                "replace `self.manual_backward(loss)` by `self.engine.backward({name: loss, ...}, module=self, "
+                "backward=self.manual_backward)` (add `shared=z` for mode='representation'), then call "
+                "`self.engine.apply()` before `optimizer.step()`."
             )
         _check_strategy(trainer.strategy, self.engine.mode)
         self.engine.weighting.to(pl_module.device)
@@ -137,9 +181,24 @@ class MultiTaskGradient(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.reset()  # find the shared parameters again (layers frozen or unfrozen between epochs)
 
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._donated.off()  # graphs torch.compile builds in this forward can be backpropagated once per task
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._donated.restore()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._donated.restore()
+
     # --- per micro-batch --------------------------------------------------------------------------------------
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._donated.restore()  # the forward is over; a graph compiled before with donated buffers fails loudly
         record = pop_task_losses(pl_module)
         if record is None:
             raise ValueError(
@@ -152,7 +211,8 @@ class MultiTaskGradient(Callback):
         if self.validate:
             self._validate(record.losses, record.total, loss, scale, accumulation, scaler is not None)
         self.engine.capture(record, pl_module, grad_scale=scale, accumulation=accumulation)
-        if self.engine.mode == "parameter" and isinstance(trainer.strategy, ModelParallelStrategy):
+        combines = self.engine.shared_params is not None  # parameter mode with several tasks
+        if combines and isinstance(trainer.strategy, ModelParallelStrategy):
             if not self.engine.sharded:
                 raise MisconfigurationException(
                     "MultiTaskGradient(mode='parameter') with ModelParallelStrategy needs the shared parameters "
@@ -195,7 +255,7 @@ class MultiTaskGradient(Callback):
         scaler = _scaler(trainer)
         still_scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
         # fused optimizers unscale inside their step, so .grad still carries the loss scale here
-        weights = self.engine.apply(grads_scale=scaler._scale if still_scaled else 1.0)
+        weights = self.engine.apply(grad_scale=scaler._scale if still_scaled else 1.0)
         if weights is None:
             return
         if self.log and trainer._logger_connector.should_update_logs:  # the steps the Trainer writes out

@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py in a subprocess: ModelParallelStrategy (FSDP2, fully_shard) on 2 CPU processes
 with MultiTaskGradient, one fit per configuration given on the command line; each rank saves its full parameters to
-OUT/{config}.rank{rank}.pt.
+OUT/{config}.rank{rank}.pt (and the last step's task gradient norms to OUT/{config}.rank{rank}.norms.pt).
 
 A configuration is ``mode:weighting:accumulate:K:variant`` (e.g. ``parameter:MGDA:1:2:``). K = 3 uses a hidden width
 of 7, so the shards are uneven (4 and 3 rows). Variants: ``exact`` (``subtract_last=False``); ``nosync`` (FSDP2's
@@ -72,6 +72,7 @@ def fit(out: str, config: str) -> None:
         [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()],
         f"{stem}.pt",
     )
+    torch.save(callback.last_step.norms.cpu(), f"{stem}.norms.pt")
 
 
 if __name__ == "__main__":

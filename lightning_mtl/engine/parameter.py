@@ -1,0 +1,121 @@
+r"""Parameter mode, the exact path: the task gradients of the shared parameters by ``torch.autograd.grad``.
+
+``capture`` computes :math:`g_1..g_{K-1}` of the shared parameters with ``torch.autograd.grad(...,
+retain_graph=True)`` (all K with ``subtract_last=False``); the loop's ordinary backward produces :math:`\sum_k g_k` in
+``.grad``, and ``apply`` recovers :math:`g_K` by subtraction, so a step costs one forward and K backward passes: the
+floor for exact per-task gradients. ``apply`` forms :math:`G = JJ^\top` (one matmul over the flat K×P task Jacobian),
+asks the weighting for ``w`` and writes :math:`\sum_k w_k g_k` into ``.grad``.
+
+The captured rows are taken of :math:`\mathcal L_k \cdot S/N` (the loop's loss scale S, N accumulated
+micro-batches) and accumulate over the micro-batches of one optimiser step; ``apply`` brings them into the scale of
+``.grad`` and, under DDP, all-reduces them (one flat bucket of (K-1)·P elements) so that every rank holds the global
+task gradients. The subtracted last task carries a rounding error of about eps·‖Σg‖: put the dominant loss last
+under fp16, or set ``subtract_last=False`` (K+1 backward passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_mtl._dtensor import local_tensor
+from lightning_mtl.engine._common import as_tensor, flatten, scaled, world, write_grads
+from lightning_mtl.engine._compile import retained_backward
+from lightning_mtl.engine.strategy import CaptureStrategy, Host
+from lightning_mtl.tasks import TaskLosses
+
+__all__ = ["ParameterCapture"]
+
+
+class ParameterCapture(CaptureStrategy):
+    """Task gradients of ``params`` by ``torch.autograd.grad``; the weighted sum written into their ``.grad``.
+
+    Args:
+        host: the engine.
+        params: the shared parameters.
+        subtract_last: recover the last task's gradient as ``.grad`` minus the others (K backward passes).
+    """
+
+    def __init__(self, host: Host, params: list[nn.Parameter], *, subtract_last: bool = True) -> None:
+        super().__init__(host)
+        self.shared_params = params
+        self.subtract_last = subtract_last
+        self._jac: Tensor | None = None  # [K, P]; rows 0..K-2 accumulate captured task gradients (scaled)
+        self._scale: Tensor | None = None  # S of the current accumulation cycle
+        self._unit_scale = False
+        self._pending = False  # micro-batches captured since the last apply
+
+    # --- per micro-batch --------------------------------------------------------------------------------------
+    def capture(self, record: TaskLosses, factor: Tensor, *, loss_scale: Tensor | float) -> None:
+        params = self.shared_params
+        assert params is not None
+        losses = list(record.losses.values())
+        k = len(losses)
+        ref = params[0] if params else record.total
+        if self._jac is None or self._jac.shape[0] != k or self._jac.device != ref.device:
+            numel = sum(local_tensor(p).numel() for p in params)
+            self._jac = torch.zeros(k, numel, dtype=ref.dtype if params else torch.float32, device=ref.device)
+        first = not self._pending
+        if first:
+            self._scale = as_tensor(loss_scale, record.total).clone()  # the scaler updates its tensor in place
+            self._unit_scale = isinstance(loss_scale, float) and loss_scale == 1.0  # known on the host: no rescale
+        self._pending = True
+        captured = losses[:-1] if self.subtract_last else losses
+        with retained_backward(captured):
+            self._capture_rows(captured, factor, first)
+
+    def _capture_rows(self, losses: Sequence[Tensor], factor: Tensor, first: bool) -> None:
+        """Row ``i`` of the Jacobian (+)= the gradient of ``losses[i] * factor`` w.r.t. the shared parameters."""
+        params, jac = self.shared_params, self._jac
+        assert params is not None and jac is not None
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(scaled(loss, factor), params, retain_graph=True, allow_unused=True)
+            if first:
+                flatten(grads, params, out=jac[i])  # written in place: no temporary of size P
+            else:
+                jac[i].add_(flatten(grads, params))
+
+    # --- per optimiser step -----------------------------------------------------------------------------------
+    def apply(self, grad_scale: Tensor | float) -> Tensor:
+        params, jac = self.shared_params, self._jac
+        assert params is not None and jac is not None and self._scale is not None
+        self._pending = False
+        k = jac.shape[0]
+        n_captured = k - 1 if self.subtract_last else k
+        head = jac[:n_captured]
+        out_scale = as_tensor(grad_scale, jac).to(jac.dtype)
+        if not (self._unit_scale and isinstance(grad_scale, float) and grad_scale == 1.0):
+            head.mul_(out_scale / self._scale.to(jac.dtype))  # captured at the loss scale, now in the scale of .grad
+        if n_captured > 0:
+            self._reduce_rows(head)
+        if self.subtract_last:
+            last = jac[k - 1]
+            flatten([p.grad for p in params], params, out=last)
+            if k == 2:
+                last.sub_(head[0])  # no temporary for the common two-task case
+            elif k > 2:
+                last.sub_(head.sum(0))
+        gram = self._reduce_gram(jac @ jac.mT)
+        gram = gram.double() / out_scale.double().square()
+        w = self.host._weigh(gram)
+        # a non-finite Gramian (an inf/NaN task gradient under fp16): leave .grad as the backward made it (weights 1),
+        # so that what the GradScaler checked and what the optimizer would see agree
+        applied = torch.where(torch.isfinite(gram).all(), w, torch.ones_like(w))
+        update = applied.to(jac.dtype) @ jac
+        write_grads(update, params)
+        return w
+
+    def _reduce_rows(self, head: Tensor) -> None:
+        """DDP: the captured rows are rank-local (``.grad`` is already averaged): average them in one all-reduce."""
+        n = world()
+        if n > 1:
+            dist.all_reduce(head)
+            head.div_(n)
+            self.host.bytes_all_reduced += head.numel() * head.element_size()
+
+    def _reduce_gram(self, gram: Tensor) -> Tensor:
+        """The Gramian of the (already global) rows: nothing to reduce."""
+        return gram
