@@ -23,6 +23,9 @@ PUBLIC_MODULES = (
     "lightning_gen.cosent",
     "lightning_gen.ddpm",
     "lightning_gen.gau",
+    "lightning_mtl.losses",
+    "lightning_mtl.heads",
+    "lightning_gen.span",
 )
 
 
