@@ -140,7 +140,28 @@ def _mask_scores(scores: Tensor, attention_mask: Tensor | None, tril_mask: bool)
     return scores if invalid is None else scores.masked_fill(invalid, torch.finfo(scores.dtype).min)
 
 
-class GlobalPointer(nn.Module):
+class _SpanPointer(nn.Module):
+    """What the two span heads share: argument checks, the configuration they keep, and its repr."""
+
+    def __init__(
+        self, hidden: int, num_types: int, head_size: int, rope: bool, tril_mask: bool, rope_base: float
+    ) -> None:
+        super().__init__()
+        if rope and head_size % 2:
+            raise ValueError(
+                f"{type(self).__name__}: head_size must be even with rope=True (pairs rotate), got {head_size}."
+            )
+        self.hidden, self.num_types, self.head_size = hidden, num_types, head_size
+        self.rope, self.tril_mask, self.rope_base = rope, tril_mask, rope_base
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden={self.hidden}, num_types={self.num_types}, head_size={self.head_size}, rope={self.rope}, "
+            f"tril_mask={self.tril_mask}"
+        )
+
+
+class GlobalPointer(_SpanPointer):
     r"""GlobalPointer span scores (https://kexue.fm/archives/8877 "original GP", METHODS.md §9; from
     https://kexue.fm/archives/8373):
 
@@ -191,11 +212,7 @@ class GlobalPointer(nn.Module):
         bias: bool = True,
         rope_base: float = 10000.0,
     ) -> None:
-        super().__init__()
-        if rope and head_size % 2:
-            raise ValueError(f"GlobalPointer: head_size must be even with rope=True (pairs rotate), got {head_size}.")
-        self.hidden, self.num_types, self.head_size = hidden, num_types, head_size
-        self.rope, self.tril_mask, self.rope_base = rope, tril_mask, rope_base
+        super().__init__(hidden, num_types, head_size, rope, tril_mask, rope_base)
         self.dense = nn.Linear(hidden, num_types * 2 * head_size, bias=bias)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -210,14 +227,8 @@ class GlobalPointer(nn.Module):
         scores = torch.einsum("bmtd,bntd->btmn", q, k) / math.sqrt(d)
         return _mask_scores(scores, attention_mask, self.tril_mask)
 
-    def extra_repr(self) -> str:
-        return (
-            f"hidden={self.hidden}, num_types={self.num_types}, head_size={self.head_size}, rope={self.rope}, "
-            f"tril_mask={self.tril_mask}"
-        )
 
-
-class EfficientGlobalPointer(nn.Module):
+class EfficientGlobalPointer(_SpanPointer):
     r"""Efficient GlobalPointer span scores (https://kexue.fm/archives/8877; METHODS.md §9): a shared q, k
     projection for span extraction plus a cheap per-type classification term,
 
@@ -269,13 +280,7 @@ class EfficientGlobalPointer(nn.Module):
         bias: bool = True,
         rope_base: float = 10000.0,
     ) -> None:
-        super().__init__()
-        if rope and head_size % 2:
-            raise ValueError(
-                f"EfficientGlobalPointer: head_size must be even with rope=True (pairs rotate), got {head_size}."
-            )
-        self.hidden, self.num_types, self.head_size = hidden, num_types, head_size
-        self.rope, self.tril_mask, self.rope_base = rope, tril_mask, rope_base
+        super().__init__(hidden, num_types, head_size, rope, tril_mask, rope_base)
         self.dense = nn.Linear(hidden, 2 * head_size, bias=bias)
         self.type_dense = nn.Linear(2 * head_size, 2 * num_types, bias=bias)
 
@@ -290,9 +295,3 @@ class EfficientGlobalPointer(nn.Module):
         spans = torch.einsum("bmd,bnd->bmn", q, k) / math.sqrt(self.head_size)
         scores = spans[:, None] + type_scores[:, 0::2, None, :] + type_scores[:, 1::2, :, None]
         return _mask_scores(scores, attention_mask, self.tril_mask)
-
-    def extra_repr(self) -> str:
-        return (
-            f"hidden={self.hidden}, num_types={self.num_types}, head_size={self.head_size}, rope={self.rope}, "
-            f"tril_mask={self.tril_mask}"
-        )
