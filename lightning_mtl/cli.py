@@ -22,11 +22,11 @@ __all__ = ["find_config", "main", "packaged_configs"]
 
 #: packages whose ``configs/`` folder ships LightningCLI configs: the library's own, then the models'
 _CONFIG_PACKAGES = ("lightning_mtl", "lightning_gen")
-#: modules imported before parsing so that ``fit --help`` lists their classes among the known subclasses;
-#: the models' modules need their extras (transformers, diffusers) and are skipped when those are missing
-_KNOWN_MODULES = (
-    "lightning_mtl.callbacks",
-    "lightning_mtl.demo",
+#: modules imported before parsing so that ``fit --help`` lists their classes among the known subclasses (the
+#: library's are cheap and always imported; the models' only for help: they need their extras, and a config names
+#: them by full class path, which jsonargparse imports itself)
+_LIBRARY_MODULES = ("lightning_mtl.callbacks", "lightning_mtl.demo")
+_MODEL_MODULES = (
     "lightning_gen.cosent.model",
     "lightning_gen.cosent.data",
     "lightning_gen.ddpm.model",
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from lightning.pytorch.cli import LightningCLI
 
-    for module in _KNOWN_MODULES:
+    wants_help = any(a in ("-h", "--help") or a.startswith("--print_config") for a in args)
+    for module in _LIBRARY_MODULES + (_MODEL_MODULES if wants_help else ()):
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
     with _argv(_resolve_configs(args)):
