@@ -10,7 +10,17 @@ from torch import Tensor, nn
 
 from lightning_mtl._dtensor import local_tensor
 
-__all__ = ["as_tensor", "flatten", "scaled", "world", "write_grads"]
+__all__ = [
+    "accumulate",
+    "as_tensor",
+    "flatten",
+    "gramian",
+    "recover_last",
+    "scaled",
+    "world",
+    "write_combination",
+    "write_grads",
+]
 
 
 def scaled(loss: Tensor, factor: Tensor) -> Tensor:
@@ -53,3 +63,75 @@ def write_grads(flat: Tensor, params: Iterable[nn.Parameter]) -> None:
         offset += n
         if p.grad is not None:  # None: no task reached p this step, so the optimizer skips it as it would anyway
             local_tensor(p.grad).copy_(chunk)
+
+
+def _chunks(params: Iterable[nn.Parameter]) -> Iterable[tuple[nn.Parameter, slice]]:
+    """Each parameter with the slice its local shard occupies in a flat row."""
+    offset = 0
+    for p in params:
+        n = local_tensor(p).numel()
+        yield p, slice(offset, offset + n)
+        offset += n
+
+
+def _flat_grad(p: nn.Parameter) -> Tensor | None:
+    """The local shard of ``p.grad`` as a flat view (``None`` without a gradient or where it is not contiguous)."""
+    if p.grad is None:
+        return None
+    local = local_tensor(p.grad)
+    return local.view(-1) if local.is_contiguous() else None
+
+
+def accumulate(row: Tensor, grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
+    """``row += flatten(grads)``, parameter by parameter (no temporary of the row's size)."""
+    offset = 0
+    for g, p in zip(grads, params, strict=True):
+        n = local_tensor(p).numel()
+        if g is not None:
+            row[offset : offset + n].add_(local_tensor(g).reshape(-1))
+        offset += n
+
+
+def gramian(rows: Tensor, block: int = 4096) -> Tensor:
+    r"""``rows @ rows.T`` in float64, summed over blocks of ``block`` columns.
+
+    A K×P by P×K product with K ≪ P is a poorly shaped GEMM: one batched product of K×block tiles
+    (:math:`G = \sum_c J_c J_c^\top`) runs 2-2.5× faster on CPU here and, summing fp32 partial products of
+    ``block`` terms in float64, is also about 1000× more accurate than one fp32 dot product of P terms.
+    """
+    k, n = rows.shape
+    m = n - n % block
+    gram = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    if m:
+        tiles = rows[:, :m].unflatten(1, (m // block, block)).transpose(0, 1)  # [P/block, K, block], a view
+        gram += torch.bmm(tiles, tiles.mT).sum(0, dtype=torch.float64)
+    if m < n:
+        tail = rows[:, m:]
+        gram += (tail @ tail.mT).double()
+    return gram
+
+
+def recover_last(jac: Tensor, params: Sequence[nn.Parameter]) -> None:
+    """``jac[-1] = .grad - jac[:-1].sum(0)``: the last task's gradient from the total, one pass, no temporary."""
+    head, last = jac[:-1], jac[-1]
+    minus_ones = torch.full((head.shape[0],), -1.0, dtype=jac.dtype, device=jac.device)
+    for p, span in _chunks(params):
+        if p.grad is None:  # no task reached p through the total: minus the others (zeros when none was captured)
+            torch.sum(head[:, span], 0, out=last[span]).neg_()
+        elif head.shape[0] == 1:
+            torch.sub(local_tensor(p.grad).reshape(-1), head[0, span], out=last[span])
+        else:
+            torch.addmv(local_tensor(p.grad).reshape(-1), head[:, span].mT, minus_ones, out=last[span])
+
+
+def write_combination(weights: Tensor, jac: Tensor, params: Iterable[nn.Parameter]) -> None:
+    """``.grad = weights @ jac``, written into each gradient by one matrix-vector product (no flat temporary)."""
+    for p, span in _chunks(params):
+        if p.grad is None:  # no task reached p this step, so the optimizer skips it as it would anyway
+            continue
+        flat = _flat_grad(p)
+        if flat is not None:
+            torch.mv(jac[:, span].mT, weights, out=flat)
+        else:
+            local = local_tensor(p.grad)
+            local.copy_((weights @ jac[:, span]).view(local.shape))

@@ -22,7 +22,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_mtl._dtensor import local_tensor
-from lightning_mtl.engine._common import as_tensor, flatten, scaled, world, write_grads
+from lightning_mtl.engine._common import (
+    accumulate,
+    as_tensor,
+    flatten,
+    gramian,
+    recover_last,
+    scaled,
+    world,
+    write_combination,
+)
 from lightning_mtl.engine._compile import retained_backward
 from lightning_mtl.engine.strategy import CaptureStrategy, Host
 from lightning_mtl.tasks import TaskLosses
@@ -76,7 +85,7 @@ class ParameterCapture(CaptureStrategy):
             if first:
                 flatten(grads, params, out=jac[i])  # written in place: no temporary of size P
             else:
-                jac[i].add_(flatten(grads, params))
+                accumulate(jac[i], grads, params)
 
     # --- per optimiser step -----------------------------------------------------------------------------------
     def apply(self, grad_scale: Tensor | float) -> Tensor:
@@ -92,20 +101,13 @@ class ParameterCapture(CaptureStrategy):
         if n_captured > 0:
             self._reduce_rows(head)
         if self.subtract_last:
-            last = jac[k - 1]
-            flatten([p.grad for p in params], params, out=last)
-            if k == 2:
-                last.sub_(head[0])  # no temporary for the common two-task case
-            elif k > 2:
-                last.sub_(head.sum(0))
-        gram = self._reduce_gram(jac @ jac.mT)
-        gram = gram.double() / out_scale.double().square()
+            recover_last(jac, params)  # g_K = .grad - (g_1 + ... + g_{K-1}), written straight into its row
+        gram = self._reduce_gram(gramian(jac)) / out_scale.double().square()
         w = self.host._weigh(gram)
         # a non-finite Gramian (an inf/NaN task gradient under fp16): leave .grad as the backward made it (weights 1),
         # so that what the GradScaler checked and what the optimizer would see agree
-        applied = torch.where(torch.isfinite(gram).all(), w, torch.ones_like(w))
-        update = applied.to(jac.dtype) @ jac
-        write_grads(update, params)
+        applied = torch.where(torch.isfinite(gram).all(), w, torch.ones_like(w))  # no host round trip
+        write_combination(applied.to(jac.dtype), jac, params)
         return w
 
     def _reduce_rows(self, head: Tensor) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_mtl.engine._common import scaled, world
+from lightning_mtl.engine._common import gramian, scaled, world
 from lightning_mtl.engine._compile import is_compiled_node, retained_backward
 from lightning_mtl.engine.strategy import CaptureStrategy, Host
 from lightning_mtl.tasks import TaskLosses
@@ -90,7 +90,7 @@ class RepresentationCapture(CaptureStrategy):
         z.register_hook(lambda grad: None if grad is None else combined.to(grad.dtype))
 
     def _gramian(self, flat: Tensor, factor: Tensor) -> Tensor:
-        gram = (flat @ flat.mT).double() / factor.double().square()
+        gram = gramian(flat) / factor.double().square()
         n = world()
         if not self.rank_local and n > 1:
             dist.all_reduce(gram)

@@ -25,7 +25,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_mtl.engine._common import flatten, scaled, world
+from lightning_mtl.engine._common import accumulate, flatten, scaled, world
 from lightning_mtl.engine._fsdp import check_reduces
 from lightning_mtl.engine.parameter import ParameterCapture
 from lightning_mtl.engine.strategy import Host
@@ -73,7 +73,7 @@ class ShardedCapture(ParameterCapture):
                 if first:
                     flatten(grads, params, out=jac[i])
                 else:
-                    jac[i].add_(flatten(grads, params))
+                    accumulate(jac[i], grads, params)
         finally:
             for p, g in zip(every, kept, strict=True):
                 p.grad = g
