@@ -10,17 +10,36 @@ loss in https://kexue.fm/archives/8877 and https://kexue.fm/archives/8888, METHO
 Both compute in float32 (float64 stays float64) with log-sum-exp and ``-inf`` masking, so that bf16/fp16 scores
 and ``torch.autocast`` are safe; the last axis holds the classes and every leading axis indexes rows.
 
+The rest of the series (METHODS.md §7-§8), with the same conventions:
+
+- :func:`nxm_crossentropy` and :func:`nxm_crossentropy_soft`, attempts 1 and 2 at an "n × m" multi-label
+  cross-entropy (https://kexue.fm/archives/9158; the article calls both unsuccessful, attempt 1 being the one
+  for hard labels);
+- :func:`exact_probability` and :func:`exact_loss`, EXACT's expected accuracy under Gaussian noise
+  (https://kexue.fm/archives/9098, arXiv 2205.09615), by adaptive Gauss–Hermite quadrature of a 1-D integral.
+
 Model-specific losses live with their models: the CoSENT loss is :mod:`lightning_gen.cosent.loss`.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_mtl._imports import moved
 
-__all__: list[str] = ["multilabel_crossentropy", "sparse_multilabel_crossentropy"]
+__all__: list[str] = [
+    "exact_loss",
+    "exact_probability",
+    "multilabel_crossentropy",
+    "nxm_crossentropy",
+    "nxm_crossentropy_soft",
+    "sparse_multilabel_crossentropy",
+]
 
 #: ``K.epsilon()`` of Keras, the floor of ``1 - e^(b - a)`` in bert4keras' sparse loss (https://kexue.fm/archives/8888).
 SPARSE_EPSILON = 1e-7
@@ -220,6 +239,398 @@ def sparse_multilabel_crossentropy(
     b = torch.logsumexp(torch.where(padded, neg_inf, gathered), dim=-1)  # -inf for a row without positives
     neg_part = a + torch.log(torch.clamp(-torch.expm1(b - a), SPARSE_EPSILON, 1.0))
     return _reduce(pos_part + neg_part, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# "n × m" classification: the two attempts of https://kexue.fm/archives/9158 (METHODS.md §8)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _logsumexp_others(s: Tensor) -> Tensor:
+    r"""Leave-one-out log-sum-exp over the last axis: :math:`\log\sum_{k\ne j} e^{s_k}` for every :math:`j`, in O(m).
+
+    Exact, without the cancellation of :math:`\log(\sum_k e^{s_k} - e^{s_j})`: for the largest class it is a
+    log-sum-exp over the others; for every other class the largest term (``e^0 = 1`` after the shift) stays in the
+    sum, so the difference is at least 1 and loses no digits. Needs at least 2 classes and finite scores.
+    """
+    top = s.argmax(dim=-1, keepdim=True)
+    is_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
+    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    rest = torch.logsumexp(torch.where(is_top, neg_inf, s), dim=-1, keepdim=True)  # the top class's others
+    shift = s.gather(-1, top).detach()  # the result does not depend on the shift: no gradient through it
+    e = torch.exp(s - shift)
+    total = e.sum(dim=-1, keepdim=True)
+    others = shift + torch.log(total - torch.where(is_top, torch.zeros_like(e), e))
+    return torch.where(is_top, rest, others)
+
+
+def _nxm_log_weights(scores: Tensor, targets: Tensor, mask: Tensor | None, fn: str) -> tuple[Tensor, Tensor]:
+    """Scores in the compute dtype and :math:`\\log t_{i,j}` (``-inf`` where ``t`` is 0 or the position is masked)."""
+    _check_scores(scores, fn)
+    if scores.ndim < 2 or scores.shape[-1] < 2:
+        raise ValueError(
+            f"{fn}: scores must be (..., n, m) logits, n positions with m >= 2 classes each, got shape "
+            f"{tuple(scores.shape)}."
+        )
+    positions = scores.shape[:-1]
+    is_tensor = isinstance(targets, Tensor)
+    integer = is_tensor and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+    hard = integer and targets.shape == positions
+    soft = is_tensor and targets.is_floating_point() and targets.shape == scores.shape
+    if not (hard or soft):
+        got = f"{targets.dtype} of shape {tuple(targets.shape)}" if is_tensor else type(targets).__name__
+        raise ValueError(
+            f"{fn}: targets must be class indices, an integer tensor of shape {tuple(positions)} (one class per "
+            f"position), or label distributions, a floating-point tensor of the shape of scores {tuple(scores.shape)}; "
+            f"got {got}."
+        )
+    s = _compute_dtype(scores)
+    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    valid = None
+    if mask is not None:
+        mask = torch.as_tensor(mask, device=scores.device)
+        try:
+            shape = torch.broadcast_shapes(mask.shape, positions)
+        except RuntimeError:
+            shape = None
+        if shape != positions:
+            raise ValueError(
+                f"{fn}: mask of shape {tuple(mask.shape)} does not broadcast to the positions {tuple(positions)} "
+                f"(scores of shape {tuple(scores.shape)} without the class axis); give one True/False per position."
+            )
+        valid = (mask if mask.dtype == torch.bool else mask > 0.5).expand(positions)
+    if hard:
+        index = targets.long()
+        if valid is not None:  # a masked position may hold anything (e.g. -100): keep the scatter in range
+            index = torch.where(valid, index, torch.zeros_like(index))
+        log_t = torch.full_like(s, float("-inf")).scatter(-1, index.unsqueeze(-1), 0.0)
+    else:
+        t = targets.to(s.dtype)
+        positive = t > 0
+        log_t = torch.where(positive, torch.log(torch.where(positive, t, torch.ones_like(t))), neg_inf)
+    if valid is not None:
+        log_t = torch.where(valid.unsqueeze(-1), log_t, neg_inf)
+    return s, log_t
+
+
+def _sum_of_class_terms(x: Tensor) -> Tensor:
+    r""":math:`\sum_j \log(1 + \sum_i e^{x_{i,j}})` for ``x`` of shape ``(..., n, m)``, giving ``(...)``."""
+    return _logsumexp_with_zero(x.transpose(-1, -2)).sum(dim=-1)
+
+
+def nxm_crossentropy(scores: Tensor, targets: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    r"""The "n × m" multi-label cross-entropy, attempt 1 of https://kexue.fm/archives/9158 (METHODS.md §8).
+
+    ``n`` sub-problems (positions, samples) of one row each pick one of ``m`` classes; instead of averaging ``n``
+    softmax cross-entropies, the row's loss puts the sum over the positions inside a log, one log per class, as the
+    multi-label cross-entropy of :func:`multilabel_crossentropy` does for ``n`` binary problems. With logits
+    :math:`s_{i,j}` and labels :math:`t_{i,j}` (position :math:`i=1..n`, class :math:`j=1..m`), the first-order
+    truncation of the summed softmax cross-entropy is
+
+    .. math::
+
+        \ell = \sum_{j=1}^{m} \log\Big(1 + \sum_{i=1}^{n}\sum_{k\ne j} t_{i,j}\, e^{-s_{i,j}+s_{i,k}}\Big).
+
+    For hard labels (:math:`t_{i,j}=1` iff :math:`j=y_i`) the term of class :math:`j` gathers the positions labelled
+    :math:`j`, each with :math:`\sum_{k\ne j} e^{s_{i,k}-s_{i,j}}`, the quantity a softmax cross-entropy
+    :math:`\log(1+\sum_{k\ne y}e^{s_k-s_y})` takes the log of per position; the log outside the sum over positions
+    balances the classes (each contributes about the log of its number of errors, not their count).
+
+    At ``m = 2`` it is :func:`multilabel_crossentropy` with the positions as the classes, scores
+    :math:`s_{i,1}-s_{i,0}` and positive classes the positions labelled 1 (METHODS.md §8: "both reduce to
+    multi-label CE at m = 2").
+
+    **Verdict of the article** (the title calls the generalisation "unsuccessful"): this form is fine for hard
+    labels, but for soft labels the stationarity condition :math:`\partial\ell/\partial s=0` has no closed-form
+    solution, so it is not known what the model learns from them ("failure 1"). Soft labels are accepted and
+    computed by the formula above, but :func:`nxm_crossentropy_soft` is the attempt with a known optimum. Use this
+    one for hard labels.
+
+    Computed in float32 (float64 stays float64) with log-sum-exps and ``-inf`` masking (the leave-one-out
+    :math:`\log\sum_{k\ne j}e^{s_{i,k}}` is exact, without cancellation), so bf16/fp16 scores and ``torch.autocast``
+    are safe; scores must be finite.
+
+    Args:
+        scores: logits ``(..., n, m)``: every leading index is a row of ``n`` positions with ``m >= 2`` classes.
+        targets: class indices, an integer tensor ``(..., n)`` with values in ``[0, m)`` where ``mask`` is True
+            (out-of-range indices raise in ``torch.scatter``); or label weights :math:`t_{i,j}\ge0`, a floating
+            tensor of the shape of ``scores`` (rows of a distribution; zero and negative weights drop out).
+        mask: optional bool (or 0/1) tensor broadcastable to ``(..., n)``: the valid positions; a masked position
+            takes part in nothing and its target may be any value (e.g. ``-100``).
+        reduction: ``"none"`` (one value per row, shape ``scores.shape[:-2]``), ``"sum"`` or ``"mean"`` over rows.
+
+    Returns:
+        The loss in float32 (float64 for float64 scores).
+
+    Raises:
+        ValueError: ``scores`` not floating point or not ``(..., n, m)`` with ``m >= 2``, ``targets`` neither
+            ``(..., n)`` integers nor floats of the shape of ``scores``, ``mask`` not broadcastable to ``(..., n)``,
+            or an unknown ``reduction``.
+    """
+    _check_reduction(reduction)
+    s, log_t = _nxm_log_weights(scores, targets, mask, "nxm_crossentropy")
+    margins = _logsumexp_others(s) - s  # log Σ_{k≠j} e^{s_ik - s_ij}
+    return _reduce(_sum_of_class_terms(log_t + margins), reduction)
+
+
+def nxm_crossentropy_soft(
+    scores: Tensor, targets: Tensor, mask: Tensor | None = None, reduction: str = "mean"
+) -> Tensor:
+    r"""The "n × m" multi-label cross-entropy, attempt 2 of https://kexue.fm/archives/9158 (METHODS.md §8): the
+    form built so that soft labels have a known optimum.
+
+    Starting from :math:`\ell=\sum_j\log(1+\sum_i t_{i,j}e^{-f(s_{i,j})})` and asking that
+    :math:`t=\mathrm{softmax}(f(s))` be stationary forces :math:`\sum_j f(s_{i,j})` to be constant, so
+    :math:`f(s_{i,j}) = s_{i,j}-\bar s_i` with :math:`\bar s_i=\frac1m\sum_j s_{i,j}`:
+
+    .. math::
+
+        \ell = \sum_{j=1}^{m} \log\Big(1 + \sum_{i=1}^{n} t_{i,j}\, e^{-s_{i,j}+\bar s_i}\Big).
+
+    **Optimum**: for label distributions :math:`t_{i,\cdot}`, the scores with :math:`\mathrm{softmax}(s_{i,\cdot})
+    = t_{i,\cdot}` (i.e. :math:`s_{i,j}=\log t_{i,j}+c_i`) make the gradient zero: every
+    :math:`t_{i,j}e^{-s_{i,j}+\bar s_i}` then equals :math:`e^{\bar s_i}/\sum_k e^{s_{i,k}}` whatever :math:`j`,
+    and the :math:`-1` and :math:`+1/m` parts of :math:`\partial(-s_{i,j}+\bar s_i)/\partial s_{i,b}` cancel over
+    :math:`j`. The loss is convex in :math:`s` (a sum of log-sum-exps of affine maps), so this is the global minimum,
+    unique up to the per-position shifts :math:`c_i` when every :math:`t_{i,j}>0`.
+
+    At ``m = 2``, :math:`-s_{i,1}+\bar s_i = -(s_{i,1}-s_{i,0})/2`: it is :func:`multilabel_crossentropy` with the
+    positions as the classes, scores :math:`(s_{i,1}-s_{i,0})/2` and positive classes the positions labelled 1.
+
+    **Verdict of the article**: right in theory, but it fails in practice with hard labels: the loss is about 0 as
+    soon as :math:`s_{i,y_i}\gg\bar s_i`, even when :math:`s_{i,y_i}` is not the largest score of its position,
+    so it does not train the argmax. The article's conclusion: use attempt 1 (:func:`nxm_crossentropy`) for hard
+    labels; a soft-label generalisation that also works in practice stays unsolved.
+
+    Computed in float32 (float64 stays float64) with log-sum-exps and ``-inf`` masking, so bf16/fp16 scores and
+    ``torch.autocast`` are safe.
+
+    Args:
+        scores: logits ``(..., n, m)``, ``m >= 2``.
+        targets: label distributions :math:`t_{i,j}\ge 0`, floating point, the shape of ``scores`` (zero weights
+            drop out; the optimum above holds for rows that sum to 1); or class indices, an integer tensor
+            ``(..., n)`` (one-hot labels, for which the verdict above applies).
+        mask: optional bool (or 0/1) tensor broadcastable to ``(..., n)``: the valid positions.
+        reduction: ``"none"`` (shape ``scores.shape[:-2]``), ``"sum"`` or ``"mean"`` over rows.
+
+    Returns:
+        The loss in float32 (float64 for float64 scores).
+
+    Raises:
+        ValueError: as :func:`nxm_crossentropy`.
+    """
+    _check_reduction(reduction)
+    s, log_t = _nxm_log_weights(scores, targets, mask, "nxm_crossentropy_soft")
+    return _reduce(_sum_of_class_terms(log_t - s + s.mean(dim=-1, keepdim=True)), reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# EXACT: the expected accuracy of a classifier with Gaussian noise (https://kexue.fm/archives/9098, METHODS.md §7)
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Default number of Gauss–Hermite nodes of :func:`exact_probability` / :func:`exact_loss`.
+EXACT_NUM_NODES = 32
+#: Newton steps that place the nodes on the integrand's peak (a change of variables: any centre is exact).
+_EXACT_NEWTON_STEPS = 20
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@functools.lru_cache(maxsize=16)
+def _gauss_hermite(num_nodes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Nodes :math:`x_k` and :math:`\\log w_k + x_k^2` of the Gauss–Hermite rule (weight :math:`e^{-x^2}`), float64."""
+    import numpy as np
+
+    x, w = np.polynomial.hermite.hermgauss(num_nodes)
+    with np.errstate(divide="ignore"):  # a weight that underflows to 0 drops out as -inf
+        return tuple(x.tolist()), tuple((np.log(w) + x * x).tolist())
+
+
+def _exact_inputs(
+    mu: Tensor, sigma: Tensor | float, target: Tensor, num_nodes: int, fn: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validated ``(mu, sigma, target)``: mu in the compute dtype, sigma of shape ``mu.shape[:-1]``, target long."""
+    if not isinstance(mu, Tensor) or not mu.is_floating_point() or mu.ndim == 0:
+        got = (f"{mu.dtype} of shape {tuple(mu.shape)}") if isinstance(mu, Tensor) else type(mu).__name__
+        raise ValueError(f"{fn}: mu must be a floating-point tensor (..., C) of class scores, got {got}.")
+    rows = mu.shape[:-1]
+    m = _compute_dtype(mu)
+    if isinstance(sigma, bool) or not isinstance(sigma, (Tensor, int, float)):
+        raise ValueError(f"{fn}: sigma must be a tensor or a positive number, got {type(sigma).__name__}.")
+    if isinstance(sigma, Tensor):
+        if not sigma.is_floating_point():
+            raise ValueError(f"{fn}: sigma must be floating point, got {sigma.dtype}.")
+        sig = sigma.to(device=mu.device, dtype=m.dtype)
+    else:  # a Python number: straight to the compute dtype (no float32 rounding on the way to float64)
+        sig = torch.tensor(float(sigma), dtype=m.dtype, device=mu.device)
+    if sig.shape == (*rows, 1) and sig.shape != rows:
+        sig = sig.squeeze(-1)
+    elif sig.ndim != 0 and sig.shape != rows:
+        raise ValueError(
+            f"{fn}: sigma of shape {tuple(sig.shape)} does not match mu of shape {tuple(mu.shape)}: give one scale "
+            f"per row, shape {tuple(rows)} or {(*rows, 1)}, or a single number."
+        )
+    if not bool((sig > 0).all()):
+        raise ValueError(
+            f"{fn}: sigma must be > 0 everywhere (the scale σ(x) of the Gaussian noise; produce it with e.g. "
+            f"softplus(raw) + 1e-3), got min {sig.min().item():.4g} (or NaN)."
+        )
+    is_tensor = isinstance(target, Tensor)
+    if not is_tensor or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        got = target.dtype if is_tensor else type(target).__name__
+        raise ValueError(f"{fn}: target must be an integer tensor of class indices, got {got}.")
+    if target.shape != rows:
+        raise ValueError(
+            f"{fn}: target of shape {tuple(target.shape)} must have the shape of mu without its class axis, "
+            f"{tuple(rows)} (mu has shape {tuple(mu.shape)})."
+        )
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ValueError(f"{fn}: num_nodes must be a positive int (Gauss–Hermite nodes), got {num_nodes!r}.")
+    return m, sig.expand(rows), target.long()
+
+
+def _exact_log_probability(m: Tensor, sig: Tensor, target: Tensor, num_nodes: int) -> Tensor:
+    r""":math:`\log p` per row by adaptive Gauss–Hermite quadrature of the 1-D integral (see exact_probability)."""
+    z = m / sig.unsqueeze(-1)
+    index = target.unsqueeze(-1)
+    d = z.gather(-1, index) - z  # (..., C): the margins (mu_y - mu_i) / sigma; d_y = 0 is left out below
+    is_target = torch.zeros_like(d, dtype=torch.bool).scatter_(-1, index, True)
+    zero = torch.zeros((), dtype=d.dtype, device=d.device)
+    with torch.no_grad():  # centre c and width τ of the nodes: the integral is the same for any of them
+        d0 = d.detach()
+        centre = torch.zeros_like(d0[..., :1])
+        for step in range(_EXACT_NEWTON_STEPS + 1):
+            u = d0 + centre
+            mills = math.sqrt(2 / math.pi) / torch.special.erfcx(-u / math.sqrt(2))  # φ(u)/Φ(u), stable
+            mills = torch.where(is_target, zero, mills)
+            curvature = 1 + torch.where(is_target, zero, (mills * (mills + u)).clamp(0, 1)).sum(-1, keepdim=True)
+            if step == _EXACT_NEWTON_STEPS:
+                break
+            centre = centre + (mills.sum(-1, keepdim=True) - centre) / curvature  # Newton step on g'(c) = 0
+        width = curvature.rsqrt() * math.sqrt(2)
+    nodes, log_weights = _gauss_hermite(num_nodes)
+    x = torch.tensor(nodes, dtype=d.dtype, device=d.device)
+    log_w = torch.tensor(log_weights, dtype=d.dtype, device=d.device)
+    u = centre + width * x  # (..., K)
+    log_cdf = torch.special.log_ndtr(d.unsqueeze(-2) + u.unsqueeze(-1))  # (..., K, C)
+    log_cdf = torch.where(is_target.unsqueeze(-2), zero, log_cdf)
+    log_integrand = -0.5 * u * u - _LOG_SQRT_2PI + log_cdf.sum(-1)
+    return torch.log(width).squeeze(-1) + torch.logsumexp(log_w + log_integrand, dim=-1)
+
+
+def exact_probability(
+    mu: Tensor, sigma: Tensor | float, target: Tensor, num_nodes: int = EXACT_NUM_NODES, log: bool = False
+) -> Tensor:
+    r"""EXACT's probability that the noisy classifier is right (https://kexue.fm/archives/9098, arXiv 2205.09615,
+    METHODS.md §7), differentiable in ``mu`` and ``sigma``.
+
+    .. math::
+
+        p(y\mid x) = P\Big(y = \arg\max_i\ \frac{\mu_i(x)}{\sigma(x)} + \varepsilon_i\Big),\qquad
+        \varepsilon\sim\mathcal N(0, I).
+
+    Conditioning on :math:`\varepsilon_y=u` makes the events :math:`\varepsilon_i<d_i+u` independent, with the
+    margins :math:`d_i=(\mu_y-\mu_i)/\sigma`, so the :math:`(C-1)`-dimensional orthant probability is the 1-D
+    integral
+
+    .. math::
+
+        p = \int_{-\infty}^{\infty}\varphi(u)\prod_{i\ne y}\Phi(d_i+u)\,du .
+
+    **Estimator.** METHODS.md §7 does not describe the paper's; its reference code (tinkoff-ai/exact,
+    ``EXACTLoss(sample_size=16)``) estimates the same orthant probability, of
+    :math:`\mathcal N(d, I+\mathbf 1\mathbf 1^\top)`, with Genz's Monte-Carlo algorithm, 16 samples by default.
+    Here the integral above is computed by Gauss–Hermite quadrature with ``num_nodes`` nodes (32 by default),
+    deterministic (no Monte-Carlo variance): the nodes are centred on the peak :math:`c` of the log-integrand
+    (20 Newton steps) and scaled by its curvature there, :math:`u = c + \sqrt{2}\,\tau x_k` (adaptive Gauss–Hermite;
+    any :math:`c,\tau` give the same integral, only the quadrature error changes, and no gradient flows through
+    them). The error is the quadrature error only; measured against adaptive 1-D integration in float64 (random
+    margins, :math:`C` from 2 to 1000), with the default 32 nodes it is below :math:`10^{-8}` absolute for
+    :math:`C\le 10`, about :math:`2\cdot 10^{-6}` for :math:`C` = 100 to 1000, and :math:`4\cdot 10^{-5}` in the
+    worst case found (:math:`C=1000`, every margin 5, :math:`p\approx 0.95`: a sharp edge in the integrand); with 64
+    nodes below :math:`4\cdot 10^{-6}` there, and it keeps falling fast as ``num_nodes`` grows. As the nodes follow
+    the peak, :math:`\log p` keeps that accuracy relative to :math:`p` when :math:`p` is tiny (e.g. :math:`10^{-94}`
+    for :math:`C=3`, :math:`10^{-15}` for :math:`C=1000`). In float32, :math:`\log p` has a floor of about
+    :math:`10^{-5}` (relative, at :math:`C=1000`). Being an estimate, :math:`p` may exceed 1 by that error. The
+    cost is
+    :math:`O(KC)` per row for :math:`K` = ``num_nodes`` (memory too, for the backward pass).
+
+    Args:
+        mu: class scores :math:`\mu(x)`, floating point ``(..., C)``.
+        sigma: :math:`\sigma(x) > 0`, one per row: shape ``(...)``, ``(..., 1)``, or a single number. Checked on
+            the host (one device sync).
+        target: the true classes, integer ``(...)`` in ``[0, C)`` (out-of-range indices raise in ``torch.gather``).
+        num_nodes: Gauss–Hermite nodes.
+        log: return :math:`\log p` (computed in log space: accurate when :math:`p` underflows).
+
+    Returns:
+        :math:`p` (or :math:`\log p`) per row, shape ``(...)``, float32 (float64 for float64 ``mu``).
+
+    Raises:
+        ValueError: see :func:`exact_loss`.
+    """
+    m, sig, index = _exact_inputs(mu, sigma, target, num_nodes, "exact_probability")
+    log_p = _exact_log_probability(m, sig, index, num_nodes)
+    return log_p if log else torch.exp(log_p)
+
+
+def exact_loss(
+    mu: Tensor,
+    sigma: Tensor | float,
+    target: Tensor,
+    form: Literal["prob", "log"] = "prob",
+    num_nodes: int = EXACT_NUM_NODES,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""The EXACT loss (https://kexue.fm/archives/9098 on arXiv 2205.09615, METHODS.md §7): minus the expected
+    accuracy of the classifier with Gaussian noise, :math:`-\mathbb E_{(x,y)}[p(y\mid x)]` (``form="prob"``), or
+    the paper's other form :math:`-\log\mathbb E_{(x,y)}[p(y\mid x)]` (``form="log"``), with :math:`p` from
+    :func:`exact_probability` (its docstring states the estimator, Gauss–Hermite quadrature, and its error).
+
+    ``form="prob"``: the loss of a row is :math:`-p`; ``reduction="mean"`` gives :math:`-\mathbb E[p]` over the rows
+    (``1 + loss`` is the expected error rate that the paper's code returns). ``form="log"``: with
+    ``reduction="mean"`` the expectation is over the rows and the log is taken after it,
+    :math:`-\log(\frac1N\sum_r p_r)` (computed in log space); ``reduction="none"`` gives :math:`-\log p` per row,
+    whose mean is :math:`\mathbb E[-\log p]`, a different loss (cross-entropy-like); ``"sum"`` is rejected, as a
+    sum of probabilities has no log form in the paper.
+
+    **Verdict of the article** (METHODS.md §7): Su's reimplementation on NLP tasks fell clearly short of softmax +
+    cross-entropy, and the :math:`-\log\mathbb E[p]` form was even worse (no numbers given). Near convergence
+    :math:`\mathbb E[-\log p]\approx 1-\mathbb E[p]`, so cross-entropy also optimises the smoothed accuracy, and
+    does it better since :math:`-\log p\to\infty` on misclassified samples while :math:`1-p\le 1`. The paper's toy
+    example where cross-entropy loses accuracy omits a temperature; EXACT has one built in (:math:`\sigma`).
+
+    Args:
+        mu: class scores ``(..., C)``.
+        sigma: the noise scale :math:`\sigma(x)>0`, shape ``(...)``, ``(..., 1)`` or a number.
+        target: integer classes ``(...)``.
+        form: ``"prob"`` (:math:`-p`) or ``"log"`` (:math:`-\log` of the mean :math:`p`).
+        num_nodes: Gauss–Hermite nodes of :func:`exact_probability`.
+        reduction: ``"none"`` (per row), ``"mean"``, or ``"sum"`` (``form="prob"`` only).
+
+    Returns:
+        The loss in float32 (float64 for float64 ``mu``).
+
+    Raises:
+        ValueError: ``mu`` not a floating-point tensor with a class axis; ``sigma`` not positive (or NaN), or of a
+            shape other than ``(...)``, ``(..., 1)`` or a number; ``target`` not integer or not of shape ``(...)``;
+            ``num_nodes`` not a positive int; an unknown ``form`` or ``reduction``; ``form="log"`` with
+            ``reduction="sum"``.
+    """
+    _check_reduction(reduction)
+    if form not in ("prob", "log"):
+        raise ValueError(f"exact_loss: form must be 'prob' (-E[p]) or 'log' (-log E[p]), got {form!r}.")
+    if form == "log" and reduction == "sum":
+        raise ValueError(
+            "exact_loss: form='log' is -log of the mean probability over the rows: use reduction='mean', or "
+            "reduction='none' for -log p per row (reduction='sum' is for form='prob')."
+        )
+    m, sig, index = _exact_inputs(mu, sigma, target, num_nodes, "exact_loss")
+    log_p = _exact_log_probability(m, sig, index, num_nodes)
+    if form == "prob":
+        return _reduce(-torch.exp(log_p), reduction)
+    if reduction == "none":
+        return -log_p
+    return math.log(max(log_p.numel(), 1)) - torch.logsumexp(log_p.reshape(-1), dim=0)
 
 
 # lightning_mtl.losses.cosent_loss & co. moved with the CoSENT model; the old path works for one release.
