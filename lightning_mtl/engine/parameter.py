@@ -3,8 +3,10 @@ r"""Parameter mode, the exact path: the task gradients of the shared parameters 
 ``capture`` computes :math:`g_1..g_{K-1}` of the shared parameters with ``torch.autograd.grad(...,
 retain_graph=True)`` (all K with ``subtract_last=False``); the loop's ordinary backward produces :math:`\sum_k g_k` in
 ``.grad``, and ``apply`` recovers :math:`g_K` by subtraction, so a step costs one forward and K backward passes: the
-floor for exact per-task gradients. ``apply`` forms :math:`G = JJ^\top` (one matmul over the flat K×P task Jacobian),
-asks the weighting for ``w`` and writes :math:`\sum_k w_k g_k` into ``.grad``.
+floor for exact per-task gradients. ``apply`` writes :math:`g_K` into the last row of the flat K×P task Jacobian
+:math:`J` (one pass over ``.grad`` and the other rows), forms :math:`G = JJ^\top` in float64 from products of K×4096
+tiles, asks the weighting for ``w`` and writes :math:`\sum_k w_k g_k` into each ``.grad`` by one matrix-vector
+product: three passes over :math:`J` per optimiser step besides the capture's copies.
 
 The captured rows are taken of :math:`\mathcal L_k \cdot S/N` (the loop's loss scale S, N accumulated
 micro-batches) and accumulate over the micro-batches of one optimiser step; ``apply`` brings them into the scale of
