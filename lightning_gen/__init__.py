@@ -3,6 +3,7 @@
 * :mod:`lightning_gen.cosent`: the CoSENT sentence encoder (any Hugging Face encoder; extra ``nlp``).
 * :mod:`lightning_gen.ddpm`: DDPM on diffusers (extra ``gen``).
 * :mod:`lightning_gen.gau`: the gated attention unit and the GAU language model.
+* :mod:`lightning_gen.span`: GlobalPointer entity extraction and GPLinker relations and events (extra ``nlp``).
 
 Names are imported lazily, so ``import lightning_gen`` needs neither diffusers nor transformers.
 """
@@ -33,6 +34,12 @@ _EXPORTS = {
     "TextDataModule": "gau",
     "ByteTokenizer": "gau",
     "CharTokenizer": "gau",
+    "SpanExtractor": "span",
+    "RelationExtractor": "span",
+    "EventExtractor": "span",
+    "SpanDataModule": "span",
+    "RelationDataModule": "span",
+    "EventDataModule": "span",
 }
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)

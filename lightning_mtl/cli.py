@@ -34,6 +34,10 @@ _MODEL_MODULES = (
     "lightning_gen.ddpm.data",
     "lightning_gen.gau.lm",
     "lightning_gen.gau.data",
+    "lightning_gen.span.model",
+    "lightning_gen.span.relations",
+    "lightning_gen.span.event_model",
+    "lightning_gen.span.datamodules",
 )
 _TRAINER_COMMANDS = {
     "fit": "train a model (LightningCLI)",

@@ -1,7 +1,11 @@
 """Span extraction with GlobalPointer heads (Su, https://kexue.fm/archives/8877) and GPLinker
-(https://kexue.fm/archives/8888 relations, https://kexue.fm/archives/8926 events): for now the event decoding, the
-clique search over the argument graph. The heads and losses are generic and live in :mod:`lightning_mtl.heads` and
-:mod:`lightning_mtl.losses`."""
+(https://kexue.fm/archives/8888 relations, https://kexue.fm/archives/8926 events): the entity model
+(:class:`SpanExtractor`), the relation model (:class:`RelationExtractor`), the event model (:class:`EventExtractor`),
+their data modules and readers (CoNLL, LitBank, CasRel JSON, DuEE JSON), the metrics, and the event decoding by clique
+search. The heads and losses are generic and live in :mod:`lightning_mtl.heads` and :mod:`lightning_mtl.losses`.
+
+Names are imported lazily: the models need ``transformers`` (extra ``nlp``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,25 @@ from lightning_mtl._imports import lazy_exports
 
 _EXPORTS = {
     "clique_search": "events",
+    "SpanExtractor": "model",
+    "RelationExtractor": "relations",
+    "decode_relations": "relations",
+    "EventExtractor": "event_model",
+    "SpanDataModule": "datamodules",
+    "RelationDataModule": "datamodules",
+    "EventDataModule": "datamodules",
+    "SpanF1": "metrics",
+    "TripleF1": "metrics",
+    "DataReport": "data",
+    "Sentence": "data",
+    "SpanFormatError": "data",
+    "read_iob": "data",
+    "read_casrel": "data",
+    "read_relations": "data",
+    "read_duee": "data",
+    "Window": "align",
+    "encode_words": "align",
+    "find_occurrences": "align",
 }
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)

