@@ -490,6 +490,17 @@ def write_report(rows: list[dict], config: dict, md: Path = MD) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark; the process-wide thread count and Lightning's log level are restored afterwards."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    threads, level = torch.get_num_threads(), lightning_log.level
+    try:
+        _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        lightning_log.setLevel(level)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mnist", default=str(DATA / "mnist"))
     p.add_argument("--seeds", default="0,1,2")
