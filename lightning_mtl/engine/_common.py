@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,6 @@ __all__ = [
     "scaled",
     "world",
     "write_combination",
-    "write_grads",
 ]
 
 
@@ -53,19 +52,7 @@ def flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tenso
     return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
-def write_grads(flat: Tensor, params: Iterable[nn.Parameter]) -> None:
-    """Copy consecutive chunks of ``flat`` into the (local shards of the) ``.grad`` of ``params``."""
-    offset = 0
-    for p in params:
-        local = local_tensor(p)
-        n = local.numel()
-        chunk = flat[offset : offset + n].view(local.shape)
-        offset += n
-        if p.grad is not None:  # None: no task reached p this step, so the optimizer skips it as it would anyway
-            local_tensor(p.grad).copy_(chunk)
-
-
-def _chunks(params: Iterable[nn.Parameter]) -> Iterable[tuple[nn.Parameter, slice]]:
+def _chunks(params: Iterable[Tensor]) -> Iterator[tuple[Tensor, slice]]:
     """Each parameter with the slice its local shard occupies in a flat row."""
     offset = 0
     for p in params:
@@ -84,12 +71,9 @@ def _flat_grad(p: nn.Parameter) -> Tensor | None:
 
 def accumulate(row: Tensor, grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
     """``row += flatten(grads)``, parameter by parameter (no temporary of the row's size)."""
-    offset = 0
-    for g, p in zip(grads, params, strict=True):
-        n = local_tensor(p).numel()
+    for g, (_, span) in zip(grads, _chunks(params), strict=True):
         if g is not None:
-            row[offset : offset + n].add_(local_tensor(g).reshape(-1))
-        offset += n
+            row[span].add_(local_tensor(g).reshape(-1))
 
 
 def gramian(rows: Tensor, block: int = 4096) -> Tensor:
