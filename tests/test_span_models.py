@@ -199,8 +199,16 @@ def test_sparse_and_dense_losses_agree_and_labels_come_from_the_data(tiny: str, 
     unlabelled = SpanExtractor(model_name_or_path=tiny, head_size=8)
     with pytest.raises(RuntimeError, match="label set"):
         unlabelled.save_pretrained(conll / "nothing")
-    with pytest.raises(ValueError, match="head must be"):
+    with pytest.raises(ValueError, match="SpanExtractor: head must be one of"):
         SpanExtractor(model_name_or_path=tiny, head="crf")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="SpanExtractor: loss must be 'dense' or 'sparse', got 'hinge'"):
+        SpanExtractor(model_name_or_path=tiny, loss="hinge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="RelationExtractor: match must be"):
+        RelationExtractor(model_name_or_path=tiny, match="fuzzy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="EventExtractor: head must be one of"):
+        EventExtractor(model_name_or_path=tiny, head="crf")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="RelationExtractor: need lr > 0"):
+        RelationExtractor(model_name_or_path=tiny, lr=0.0)
 
 
 # --- RelationExtractor --------------------------------------------------------------------------------------------

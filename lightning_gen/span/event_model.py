@@ -95,9 +95,7 @@ class EventExtractor(PointerModule):
         max_arguments: int = 256,
     ) -> None:
         super().__init__()
-        if head not in ("global_pointer", "efficient_global_pointer"):
-            raise ValueError(f"EventExtractor: head must be 'global_pointer' or 'efficient_global_pointer': {head!r}.")
-        check_args("EventExtractor", lr, head_lr, warmup_ratio, max_length)
+        check_args("EventExtractor", head, lr, head_lr, warmup_ratio, max_length)
         labels = labels_from_json(labels)
         self.save_hyperparameters()
         self._init_encoder(model_name_or_path)

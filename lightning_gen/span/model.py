@@ -102,12 +102,9 @@ class SpanExtractor(PointerModule):
         threshold: float = 0.0,
     ) -> None:
         super().__init__()
-        if head not in ("global_pointer", "efficient_global_pointer") or loss not in ("dense", "sparse"):
-            raise ValueError(
-                f"SpanExtractor: head must be 'global_pointer' or 'efficient_global_pointer' and loss 'dense' or "
-                f"'sparse', got {head!r}, {loss!r}."
-            )
-        check_args("SpanExtractor", lr, head_lr, warmup_ratio, max_length)
+        check_args("SpanExtractor", head, lr, head_lr, warmup_ratio, max_length)
+        if loss not in ("dense", "sparse"):
+            raise ValueError(f"SpanExtractor: loss must be 'dense' or 'sparse', got {loss!r}.")
         if labels is not None and len(set(labels)) != len(labels):
             raise ValueError(f"SpanExtractor: labels must be distinct, got {labels}.")
         self.save_hyperparameters()

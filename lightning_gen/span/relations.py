@@ -146,12 +146,9 @@ class RelationExtractor(PointerModule):
         threshold: float = 0.0,
     ) -> None:
         super().__init__()
-        if head not in ("global_pointer", "efficient_global_pointer") or match not in (None, "partial", "exact"):
-            raise ValueError(
-                "RelationExtractor: head must be 'global_pointer' or 'efficient_global_pointer' and match 'partial', "
-                f"'exact' or None, got {head!r}, {match!r}."
-            )
-        check_args("RelationExtractor", lr, head_lr, warmup_ratio, max_length)
+        check_args("RelationExtractor", head, lr, head_lr, warmup_ratio, max_length)
+        if match not in (None, "partial", "exact"):
+            raise ValueError(f"RelationExtractor: match must be 'partial', 'exact' or None, got {match!r}.")
         if relations is not None and len(set(relations)) != len(relations):
             raise ValueError("RelationExtractor: relations must be distinct.")
         self.save_hyperparameters()
