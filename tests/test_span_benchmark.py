@@ -117,6 +117,8 @@ def test_report_writes_every_table(tmp_path: Path, monkeypatch) -> None:
             "steps": 20,
             "dense_ms": 3.0,
             "sparse_ms": 2.0,
+            "dense_loss_ms": 1.0,
+            "sparse_loss_ms": 0.5,
             "max_rel_diff": 1e-4,
         },
     ]
@@ -162,4 +164,4 @@ def test_report_writes_every_table(tmp_path: Path, monkeypatch) -> None:
     text = report.read_text()
     assert "| Efficient GlobalPointer | 10 | 1 | 0 | **50.00**" in text and "| 1.00× |" in text
     assert "| 4 | 197,120 | 50,312 | 3.9× |" in text
-    assert "1.50×" in text and "10.0 (of 3)" in text and "webnlg_star (partial)" in text
+    assert "1.50×" in text and "2.00×" in text and "10.0 (of 3)" in text and "webnlg_star (partial)" in text
