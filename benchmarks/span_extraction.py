@@ -227,6 +227,32 @@ def validate(model: L.LightningModule, data: L.LightningDataModule) -> tuple[dic
     return metrics, len(data.datasets["val"]) / (time.perf_counter() - t0)
 
 
+def train_and_score(
+    model: L.LightningModule, data: Any, epochs: int, callbacks: list, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train, validate, and return the fields every run records (settings, times, dev P/R/F1, the data report)
+    with the raw dev metrics."""
+    step_ms, train_s = fit(model, data, epochs, callbacks)
+    metrics, speed = validate(model, data)
+    row = {
+        "params_head": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.")),
+        "train_sentences": len(data.datasets["train"]),
+        "epochs": epochs,
+        "batch": args.batch_size,
+        "lr": args.lr,
+        "head_lr": args.head_lr,
+        "seed": args.seed,
+        "step_ms": step_ms,
+        "train_s": train_s,
+        "dev_sent_per_s": speed,
+        "f1": 100 * metrics["val/f1"],
+        "precision": 100 * metrics["val/precision"],
+        "recall": 100 * metrics["val/recall"],
+        "data_report": data.report.summary(),
+    }
+    return row, metrics
+
+
 def span_run(part: str, folder: Path, head: str, args: argparse.Namespace, limit: int | None) -> None:
     L.seed_everything(args.seed)
     kwargs = {"lr": args.lr, "head_lr": args.head_lr, "warmup_ratio": 0.1, "max_length": 128}
@@ -239,26 +265,12 @@ def span_run(part: str, folder: Path, head: str, args: argparse.Namespace, limit
     data = SpanDataModule(
         train=str(train), val=str(dev), batch_size=args.batch_size, limit_train=limit, limit_val=args.limit_val
     )
-    step_ms, train_s = fit(model, data, args.epochs, [])
-    metrics, speed = validate(model, data)
+    row, metrics = train_and_score(model, data, args.epochs, [], args)
     row = {
         "part": part,
         "head": head,
-        "params_head": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.")),
-        "train_sentences": len(data.datasets["train"]),
-        "epochs": args.epochs,
-        "batch": args.batch_size,
-        "lr": args.lr,
-        "head_lr": args.head_lr,
-        "seed": args.seed,
-        "step_ms": step_ms,
-        "train_s": train_s,
-        "dev_sent_per_s": speed,
-        "f1": 100 * metrics["val/f1"],
-        "precision": 100 * metrics["val/precision"],
-        "recall": 100 * metrics["val/recall"],
+        **row,
         "f1_by_type": {k.split("/")[-1]: 100 * v for k, v in metrics.items() if k.startswith("val/f1/")},
-        "data_report": data.report.summary(),
     }
     if part == "litbank":
         row.update(nested_analysis(model, dev))
@@ -323,8 +335,7 @@ def relation_run(folder: Path, head: str, weighting: str, args: argparse.Namespa
         "GradNormalize": [MultiTaskGradient(GradNormalize(), mode="representation")],
         "MGDA-UB": [MultiTaskGradient(MGDA(), mode="representation")],
     }[weighting]
-    step_ms, train_s = fit(model, data, args.webnlg_epochs, callbacks)
-    metrics, speed = validate(model, data)
+    row, _ = train_and_score(model, data, args.webnlg_epochs, callbacks, args)
     record(
         {
             "part": "webnlg",
@@ -332,20 +343,7 @@ def relation_run(folder: Path, head: str, weighting: str, args: argparse.Namespa
             "match": model.match,
             "head": head,
             "weighting": weighting,
-            "params_head": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.")),
-            "train_sentences": len(data.datasets["train"]),
-            "epochs": args.webnlg_epochs,
-            "batch": args.batch_size,
-            "lr": args.lr,
-            "head_lr": args.head_lr,
-            "seed": args.seed,
-            "step_ms": step_ms,
-            "train_s": train_s,
-            "dev_sent_per_s": speed,
-            "f1": 100 * metrics["val/f1"],
-            "precision": 100 * metrics["val/precision"],
-            "recall": 100 * metrics["val/recall"],
-            "data_report": data.report.summary(),
+            **row,
         }
     )
 
