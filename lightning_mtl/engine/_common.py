@@ -15,6 +15,7 @@ __all__ = [
     "as_tensor",
     "flatten",
     "gramian",
+    "gramian_from_total",
     "recover_last",
     "scaled",
     "world",
@@ -93,6 +94,19 @@ def gramian(rows: Tensor, block: int = 4096) -> Tensor:
         tail = rows[:, m:]
         gram += (tail @ tail.mT).double()
     return gram
+
+
+def gramian_from_total(raw: Tensor) -> Tensor:
+    r"""The Gramian of :math:`[g_1..g_K]` from that of :math:`[g_1..g_{K-1}; T]`, where :math:`T = \sum_k g_k`.
+
+    With :math:`g_K = T - \sum_{k<K} g_k`, i.e. :math:`J = AJ'` for :math:`A = I` whose last row is
+    :math:`(-1, \dots, -1, 1)`: :math:`G = A G' A^\top`. Exact in exact arithmetic; in floating point the last row
+    and column inherit the absolute error of :math:`G'` (about :math:`10^{-7}\|T\|^2` from fp32 rows), so their
+    relative error grows as :math:`\|T\|^2 / \|g_K\|^2`: the caller checks that ratio.
+    """
+    a = torch.eye(raw.shape[0], dtype=raw.dtype, device=raw.device)
+    a[-1, :-1] = -1
+    return a @ raw @ a.mT
 
 
 def recover_last(jac: Tensor, params: Sequence[nn.Parameter]) -> None:
