@@ -32,7 +32,8 @@ def _brute_force(module: TwoHeads, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Task Jacobian of the trunk (one autograd.grad per task) and its float64 Gramian."""
     losses, _ = module.task_dict(batch)
     params = list(module.trunk.parameters())
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, params, retain_graph=True)]) for v in losses.values()]
+    grads = [torch.autograd.grad(v, params, retain_graph=True) for v in losses.values()]
+    rows = [torch.cat([g.reshape(-1) for g in task]) for task in grads]
     jac = torch.stack(rows)
     return jac, jac.double() @ jac.double().T
 
