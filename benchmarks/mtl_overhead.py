@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/mtl_overhead.py            # regenerates the table in benchmarks/README.md
     python benchmarks/mtl_overhead.py --steps 10 --no-write   # quick look
+    python benchmarks/mtl_overhead.py --apply-only            # apply() alone: Gramian from the total vs recovery
 """
 
 from __future__ import annotations
@@ -152,6 +153,30 @@ def measure(steps: dict[str, Callable[[], None]], n: int, warmup: int = 3) -> di
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
+def apply_paths(k: int, steps: int) -> dict[str, float]:
+    """Median time of ``GradientEngine.apply`` alone (parameter mode, MGDA), interleaved: the last task read off the
+    total gradient (the CPU/fp32 path) and recovered by subtraction (the path elsewhere, forced here)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256, k))
+    net = Net(k)
+    engines = {"Gramian from the total": GradientEngine(mtl.MGDA()), "g_K recovered": GradientEngine(mtl.MGDA())}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for i in range(steps + 3):
+        for name, engine in engines.items():
+            losses, z = net.losses(x, y)
+            total = torch.stack(list(losses.values())).sum()
+            net.zero_grad()
+            engine.capture(TaskLosses(losses, z, total), net)
+            total.backward()
+            if name == "g_K recovered" and engine.strategy is not None:
+                engine.strategy._total_ok = False  # type: ignore[attr-defined]
+            t0 = time.perf_counter()
+            engine.apply()
+            if i >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
 def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, float]:
     import lightning as L
 
@@ -206,7 +231,13 @@ def main() -> None:
     parser.add_argument("--tasks", default="2,4")
     parser.add_argument("--lightning-rounds", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--apply-only", action="store_true", help="time apply() alone, the two last-task paths")
     args = parser.parse_args()
+    if args.apply_only:
+        for k in (int(s) for s in args.tasks.split(",")):
+            for name, ms in apply_paths(k, args.steps).items():
+                print(f"K={k} apply, {name}: {ms:.2f} ms", flush=True)
+        return
 
     lines = [
         f"Median step time over {args.steps} interleaved steps, {torch.get_num_threads()} CPU threads, "
