@@ -133,17 +133,18 @@ def recover_last(jac: Tensor, params: Sequence[nn.Parameter]) -> None:
 def write_combination(weights: Tensor, jac: Tensor, params: Iterable[nn.Parameter]) -> None:
     """``.grad = weights @ jac``, written into each gradient in place (no flat temporary, no host round trip).
 
-    ``w_0 J_0`` then one fused ``addcmul_`` per further row, per parameter: on CPU about 1.3× faster here than one
-    ``mv`` with the transposed K×n block.
+    One ``[1, K] @ [K, n]`` product per parameter, straight into its ``.grad``: a single pass that reads the K rows
+    once. On CPU here 1.1× (K = 2) to 1.4× (K = 4) faster than ``w_0 J_0`` followed by one ``addcmul_`` per further
+    row, which reads and writes ``.grad`` K times, and faster than ``mv`` with the transposed K×n block, whose gemv
+    walks the rows with a stride.
     """
+    w = weights.view(1, -1)
     for p, span in _chunks(params):
         if p.grad is None:  # no task reached p this step, so the optimizer skips it as it would anyway
             continue
         flat = _flat_grad(p)
-        out = flat if flat is not None else torch.empty_like(jac[0, span])
-        torch.mul(jac[0, span], weights[0], out=out)
-        for row, w in zip(jac[1:], weights[1:], strict=True):
-            out.addcmul_(row[span], w)
-        if flat is None:
+        if flat is not None:
+            torch.mm(w, jac[:, span], out=flat.view(1, -1))
+        else:
             local = local_tensor(p.grad)
-            local.copy_(out.view(local.shape))
+            local.copy_((w @ jac[:, span]).view(local.shape))
