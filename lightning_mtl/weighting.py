@@ -18,6 +18,7 @@ import itertools
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -599,25 +600,45 @@ def _kkt_candidates(g: Tensor, p: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     Returns the candidates ``x`` ([S, K], clamped to x >= 0 and renormalised over the primaries ``p``) and their
     objective, ``inf`` where the system is singular or its solution is not feasible.
     """
+    return _solve_supports(g, _KKTFrame.of(m.to(g.dtype), p))
+
+
+class _KKTFrame(NamedTuple):
+    """What the KKT systems of a set of supports share whatever G is (built once per support set by :func:`_exact`).
+
+    Rows i in the support read :math:`(Gx)_i - \nu p_i = 0` with :math:`x_j = 0` off the support, the other rows
+    :math:`x_i = 0`, and the last row :math:`p^\top x = 1`: the system is ``frame + pad(G * mask)``.
+    """
+
+    p: Tensor  # [K] the primary indicator
+    mf: Tensor  # [S, K] the supports, 0/1
+    mask: Tensor  # [S, K, K] 1 where row and column are in the support
+    frame: Tensor  # [S, K+1, K+1] 1 on the diagonal of the rows off the support; the border -p / p on the support
+    rhs: Tensor  # [K+1] e_K
+
+    @classmethod
+    def of(cls, mf: Tensor, p: Tensor) -> _KKTFrame:
+        n, k = mf.shape
+        frame = torch.zeros(n, k + 1, k + 1, dtype=mf.dtype, device=mf.device)
+        frame[:, :k, :k] = torch.diag_embed(1 - mf)
+        frame[:, :k, k] = -p * mf
+        frame[:, k, :k] = p * mf
+        rhs = torch.zeros(k + 1, dtype=mf.dtype, device=mf.device)
+        rhs[k] = 1.0
+        return cls(p, mf, mf[:, :, None] * mf[:, None, :], frame, rhs)
+
+
+def _solve_supports(g: Tensor, f: _KKTFrame) -> tuple[Tensor, Tensor]:
+    """:func:`_kkt_candidates` with the G-independent parts given."""
     k = g.shape[0]
-    n = m.shape[0]
-    mf = m.to(g.dtype)
-    eye = torch.eye(k, dtype=g.dtype, device=g.device)
-    a = torch.zeros(n, k + 1, k + 1, dtype=g.dtype, device=g.device)
-    # rows i in the support: (G x)_i - nu * p_i = 0 with x_j = 0 off the support; other rows: x_i = 0
-    a[:, :k, :k] = torch.where(m[:, :, None], g[None] * mf[:, None, :], eye[None])
-    a[:, :k, k] = -p[None] * mf
-    a[:, k, :k] = p[None] * mf
-    b = torch.zeros(n, k + 1, dtype=g.dtype, device=g.device)
-    b[:, k] = 1.0
-    sol, info = torch.linalg.solve_ex(a, b)
-    x = sol[:, :k] * mf
+    sol, info = torch.linalg.solve_ex(f.frame + torch.nn.functional.pad(g * f.mask, (0, 1, 0, 1)), f.rhs)
+    x = sol[:, :k] * f.mf
     scale = x.abs().amax(dim=1).clamp_min(1.0)
-    feasible = (info == 0) & torch.isfinite(x).all(dim=1) & (x >= -1e-9 * scale[:, None]).all(dim=1)
-    x = torch.where(feasible[:, None], x, torch.zeros_like(x)).clamp_min(0)
-    x = x / (x * p).sum(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-    obj = torch.einsum("si,ij,sj->s", x, g, x)
-    obj = torch.where(feasible & torch.isfinite(obj), obj, torch.full_like(obj, float("inf")))
+    feasible = (info == 0) & x.isfinite().all(dim=1) & (x >= -1e-9 * scale[:, None]).all(dim=1)
+    x = torch.where(feasible[:, None], x, 0.0).clamp_min(0)
+    x = x / (x @ f.p).clamp_min(torch.finfo(g.dtype).tiny)[:, None]
+    obj = ((x @ g) * x).sum(dim=1)
+    obj = torch.where(feasible & obj.isfinite(), obj, float("inf"))
     return x, obj
 
 
@@ -627,10 +648,16 @@ def _primary_mask(k: int, prim: tuple[int, ...], g: Tensor) -> Tensor:
     return p
 
 
+@lru_cache(maxsize=32)
+def _exact_frame(k: int, prim: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _KKTFrame:
+    """Every support of :func:`_exact` and their KKT frame, built once per (K, primaries, dtype, device)."""
+    p = torch.zeros(k, dtype=dtype, device=device)
+    p[list(prim)] = 1.0
+    return _KKTFrame.of(torch.tensor(_supports(k, prim), dtype=dtype, device=device), p)
+
+
 def _exact(g: Tensor, prim: tuple[int, ...]) -> Tensor:
-    k = g.shape[0]
-    m = torch.tensor(_supports(k, prim), device=g.device)  # [S, K] bool
-    x, obj = _kkt_candidates(g, _primary_mask(k, prim, g), m)
+    x, obj = _solve_supports(g, _exact_frame(g.shape[0], prim, g.dtype, g.device))
     return x[obj.argmin()]
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import lightning_mtl as mtl
 import lightning_mtl.engine.parameter as parameter
 from lightning_mtl.engine import GradientEngine
-from lightning_mtl.engine._common import gramian, gramian_from_total
+from lightning_mtl.engine._common import add_combination, gramian, gramian_from_total
 from tests._mtl_models import TwoHeads, make_data
 
 
@@ -111,3 +111,21 @@ def test_other_row_dtypes_always_recover_exactly(monkeypatch, dtype):
     x, y = make_data(k=3)[:16]
     _step(engine, module, (x.to(dtype), y.to(dtype)))
     assert calls == [] and engine.last_gramian.isfinite().all()
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_add_combination_writes_onto_the_total_in_place(contiguous):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(3, 5), (7,), (4, 2), (2,)]]
+    grads = [torch.randn(3, 5), torch.randn(7), torch.randn(4, 2)]
+    if not contiguous:  # a .grad with transposed strides goes through the copying branch
+        grads[0] = torch.randn(5, 3).t()
+    for p, g in zip(params, grads):
+        p.grad = g  # the last parameter gets no gradient this step and must be left alone
+    before = torch.cat([g.reshape(-1) for g in grads])
+    rows = torch.randn(2, sum(p.numel() for p in params))
+    weights = torch.tensor([[0.25, -1.5]])
+    add_combination(0.5, weights, rows, params)
+    after = torch.cat([p.grad.reshape(-1) for p in params[:-1]])
+    torch.testing.assert_close(after, 0.5 * before + (weights @ rows)[0, : before.numel()])
+    assert all(p.grad is g for p, g in zip(params, grads)) and params[-1].grad is None

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from lightning_mtl._dtensor import local_tensor
 from lightning_mtl.engine._common import (
     accumulate,
+    add_combination,
     as_tensor,
     flatten,
     gramian,
@@ -120,9 +121,13 @@ class ParameterCapture(CaptureStrategy):
         w = self.host._weigh(gram)
         # a non-finite Gramian (an inf/NaN task gradient under fp16): leave .grad as the backward made it (weights 1),
         # so that what the GradScaler checked and what the optimizer would see agree
+        if holds_total:  # CPU: .grad holds T, so sum_k w_k g_k = w_K T + sum_{k<K} (w_k - w_K) g_k is written onto it
+            if bool(torch.isfinite(gram).all()):
+                weights = w.tolist()
+                last = weights.pop()
+                add_combination(last, torch.tensor([weights], dtype=jac.dtype) - last, jac[:-1], params)
+            return w
         applied = torch.where(torch.isfinite(gram).all(), w, torch.ones_like(w))  # no host round trip
-        if holds_total:  # rows [g_1..g_{K-1}; T]: sum_k w_k g_k = w_K T + sum_{k<K} (w_k - w_K) g_k
-            applied = torch.cat([applied[:-1] - applied[-1], applied[-1:]])
         write_combination(applied.to(jac.dtype), jac, params)
         return w
 
