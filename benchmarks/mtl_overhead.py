@@ -14,7 +14,8 @@ Configurations (plain PyTorch loops; one step = forward, backward work, optimise
 - ``ours-repr/<w>``: representation mode: K gradients w.r.t. the 512-d features + a hook in the ordinary backward.
 - ``torchjd/<w>``: ``torchjd.autojac.mtl_backward`` + ``jac_to_grad`` with torchjd's MGDA and UPGrad aggregators.
 
-A second table runs a Lightning Trainer with and without the ``MultiTaskGradient`` callback (K = 4).
+Two more tables run a Lightning Trainer (K = 4): separate fits with and without the ``MultiTaskGradient`` callback,
+and one fit with the callback switched on for every other step only (steps with and without it side by side).
 
 Usage::
 
@@ -177,11 +178,8 @@ def apply_paths(k: int, steps: int) -> dict[str, float]:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, float]:
+def _lightning_module(k: int) -> type:
     import lightning as L
-
-    from lightning_mtl.callbacks import MultiTaskGradient
-    from lightning_mtl.demo import StepTimer
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -195,6 +193,33 @@ def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, f
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=1e-3)
 
+    return Module
+
+
+def _fit(module, data, callbacks: list) -> None:
+    import lightning as L
+
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=256))
+
+
+def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, tuple[float, list[float]]]:
+    """Per configuration: the median step time over all rounds, and its ratio to the Trainer without the callback
+    in each round (the fits of one round run back to back, so a slow drift of the machine cancels in the ratio)."""
+
+    from lightning_mtl.callbacks import MultiTaskGradient
+    from lightning_mtl.demo import StepTimer
+
+    module_cls = _lightning_module(k)
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(
         torch.randn(256 * steps_per_round, 784), torch.randint(0, 10, (256 * steps_per_round, k))
@@ -207,29 +232,67 @@ def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, f
         ],
     }
     times: dict[str, list[float]] = {c: [] for c in configs}
+    ratios: dict[str, list[float]] = {c: [] for c in configs}
     for _ in range(rounds):
+        medians: dict[str, float] = {}
         for name, cbs in configs.items():
             timer = StepTimer()
-            trainer = L.Trainer(
-                max_epochs=1,
-                accelerator="cpu",
-                devices=1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=[timer, *cbs()],
-            )
-            trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=256))
+            _fit(module_cls(), data, [timer, *cbs()])
             times[name] += timer.times[2:]
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+            medians[name] = statistics.median(timer.times[2:])
+        for name, ms in medians.items():
+            ratios[name].append(ms / medians["Trainer, no callback"])
+    return {name: (1e3 * statistics.median(ts), ratios[name]) for name, ts in times.items()}
+
+
+def lightning_alternating(k: int, rounds: int, steps: int) -> dict[str, tuple[float, float, list[float]]]:
+    """The callback switched on for the even steps of one fit only, so that steps with and without it alternate in
+    the same Trainer, process and memory state. Per configuration: the median step time with and without it, and
+    the ratio of the two medians in each round (one fit of ``steps`` steps)."""
+
+    from lightning_mtl.callbacks import MultiTaskGradient
+    from lightning_mtl.demo import StepTimer
+
+    class EveryOtherStep(MultiTaskGradient):
+        on = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.on = batch_idx % 2 == 0
+            if self.on:
+                super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            if self.on:
+                super().on_before_backward(trainer, pl_module, loss)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if self.on:
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    module_cls = _lightning_module(k)
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(256 * steps, 784), torch.randint(0, 10, (256 * steps, k)))
+    configs = {"MultiTaskGradient(MGDA)": "parameter", "MultiTaskGradient(MGDA, representation)": "representation"}
+    out: dict[str, tuple[list[float], list[float], list[float]]] = {c: ([], [], []) for c in configs}
+    for _ in range(rounds):
+        for name, mode in configs.items():
+            timer = StepTimer()
+            _fit(module_cls(), data, [timer, EveryOtherStep(mtl.MGDA(), mode=mode, validate=False)])
+            on, off = timer.times[2::2], timer.times[3::2]
+            out[name][0].extend(on)
+            out[name][1].extend(off)
+            out[name][2].append(statistics.median(on) / statistics.median(off))
+    return {
+        name: (1e3 * statistics.median(on), 1e3 * statistics.median(off), ratios)
+        for name, (on, off, ratios) in out.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="measured steps per configuration")
     parser.add_argument("--tasks", default="2,4")
-    parser.add_argument("--lightning-rounds", type=int, default=3)
+    parser.add_argument("--lightning-rounds", type=int, default=8)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--apply-only", action="store_true", help="time apply() alone, the two last-task paths")
     args = parser.parse_args()
@@ -252,16 +315,33 @@ def main() -> None:
             lines.append(f"| {k} | {name} | {ms:.1f} | {ms / result['plain']:.2f}× | {ms / result['floor']:.2f}× |")
             print(lines[-1], flush=True)
     lk = lightning_overhead(4, args.lightning_rounds, 20)
-    base = lk["Trainer, no callback"]
     lines += [
         "",
-        f"Inside a Lightning Trainer (K = 4, median over {args.lightning_rounds} interleaved fits of 20 steps):",
+        f"Inside a Lightning Trainer (K = 4, {args.lightning_rounds} rounds of one fit of 20 steps per configuration; "
+        "ms / step: the median over all rounds; vs no callback: the median, and the range, of the ratio of the "
+        "fit's median step to that of the fit without the callback in the same round):",
         "",
-        "| configuration | ms / step | vs no callback |",
-        "|---|---|---|",
+        "| configuration | ms / step | vs no callback | range over rounds |",
+        "|---|---|---|---|",
     ]
-    for name, ms in lk.items():
-        lines.append(f"| {name} | {ms:.1f} | {ms / base:.2f}× |")
+    for name, (ms, ratios) in lk.items():
+        lines.append(f"| {name} | {ms:.1f} | {statistics.median(ratios):.2f}× | {min(ratios):.2f}-{max(ratios):.2f}× |")
+        print(lines[-1], flush=True)
+    alt = lightning_alternating(4, args.lightning_rounds // 2, 40)
+    lines += [
+        "",
+        f"The callback on every other step of one fit (K = 4, {args.lightning_rounds // 2} fits of 40 steps per "
+        "configuration; with / without: median step time; ratio: the median, and the range, over the fits of the "
+        "ratio of the two medians):",
+        "",
+        "| configuration | with (ms) | without (ms) | ratio | range over fits |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (on, off, ratios) in alt.items():
+        lines.append(
+            f"| {name} | {on:.1f} | {off:.1f} | {statistics.median(ratios):.2f}× | "
+            f"{min(ratios):.2f}-{max(ratios):.2f}× |"
+        )
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     if not args.no_write:
