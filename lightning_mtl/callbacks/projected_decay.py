@@ -73,7 +73,9 @@ def project_weight_decay(g: Tensor, theta: Tensor) -> Tensor:
 
     Properties: :math:`\langle u,\theta\rangle = \max(\langle g,\theta\rangle, 0) \ge 0` (the step does not
     increase :math:`\|\theta\|` to first order), :math:`u = g` exactly when :math:`\langle g,\theta\rangle \ge 0`,
-    and :math:`u = g` when :math:`\theta = 0`. See :class:`ProjectedWeightDecay` for the derivation.
+    and :math:`u = g` when :math:`\theta = 0`. See :class:`ProjectedWeightDecay` for the derivation. The inner
+    products are taken in float64 for float64 weights and in float32 otherwise: where :math:`\|\theta\|^2`
+    underflows there (every :math:`|\theta_i|` below about 1e-154, resp. 1e-19), :math:`\theta` counts as 0.
 
     Raises:
         ValueError: if ``g`` and ``theta`` do not have the same shape.
