@@ -642,8 +642,9 @@ def _solve_supports(g: Tensor, f: _KKTFrame) -> tuple[Tensor, Tensor]:
     return x, obj
 
 
-def _primary_mask(k: int, prim: tuple[int, ...], g: Tensor) -> Tensor:
-    p = torch.zeros(k, dtype=g.dtype, device=g.device)
+def _primary_mask(k: int, prim: tuple[int, ...], like: Tensor) -> Tensor:
+    """The indicator of the primaries, [K], in ``like``'s dtype and on its device."""
+    p = torch.zeros(k, dtype=like.dtype, device=like.device)
     p[list(prim)] = 1.0
     return p
 
@@ -651,9 +652,8 @@ def _primary_mask(k: int, prim: tuple[int, ...], g: Tensor) -> Tensor:
 @lru_cache(maxsize=32)
 def _exact_frame(k: int, prim: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _KKTFrame:
     """Every support of :func:`_exact` and their KKT frame, built once per (K, primaries, dtype, device)."""
-    p = torch.zeros(k, dtype=dtype, device=device)
-    p[list(prim)] = 1.0
-    return _KKTFrame.of(torch.tensor(_supports(k, prim), dtype=dtype, device=device), p)
+    mf = torch.tensor(_supports(k, prim), dtype=dtype, device=device)
+    return _KKTFrame.of(mf, _primary_mask(k, prim, mf))
 
 
 def _exact(g: Tensor, prim: tuple[int, ...]) -> Tensor:
