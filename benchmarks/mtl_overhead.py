@@ -39,10 +39,31 @@ from _report import write_block
 from torch import nn
 
 import lightning_mtl as mtl
+from lightning_mtl.callbacks import MultiTaskGradient
 from lightning_mtl.engine import GradientEngine
 from lightning_mtl.tasks import TaskLosses
 
 README = Path(__file__).with_name("README.md")
+
+
+class EveryOtherStep(MultiTaskGradient):
+    """:class:`MultiTaskGradient` on the even steps of a fit only (batch index 0, 2, ...); the odd steps train as if
+    it were not attached. One fit then times steps with and without it side by side."""
+
+    on = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.on = batch_idx % 2 == 0
+        if self.on:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self.on:
+            super().on_before_backward(trainer, pl_module, loss)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.on:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
 
 class Net(nn.Module):
@@ -215,8 +236,6 @@ def _fit(module, data, callbacks: list) -> None:
 def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, tuple[float, list[float]]]:
     """Per configuration: the median step time over all rounds, and its ratio to the Trainer without the callback
     in each round (the fits of one round run back to back, so a slow drift of the machine cancels in the ratio)."""
-
-    from lightning_mtl.callbacks import MultiTaskGradient
     from lightning_mtl.demo import StepTimer
 
     module_cls = _lightning_module(k)
@@ -250,24 +269,7 @@ def lightning_alternating(k: int, rounds: int, steps: int) -> dict[str, tuple[fl
     the same Trainer, process and memory state. Per configuration: the median step time with and without it, and
     the ratio of the two medians in each round (one fit of ``steps`` steps)."""
 
-    from lightning_mtl.callbacks import MultiTaskGradient
     from lightning_mtl.demo import StepTimer
-
-    class EveryOtherStep(MultiTaskGradient):
-        on = False
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.on = batch_idx % 2 == 0
-            if self.on:
-                super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            if self.on:
-                super().on_before_backward(trainer, pl_module, loss)
-
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if self.on:
-                super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     module_cls = _lightning_module(k)
     torch.manual_seed(0)
