@@ -22,6 +22,7 @@ Usage::
     python benchmarks/mtl_overhead.py            # regenerates the table in benchmarks/README.md
     python benchmarks/mtl_overhead.py --steps 10 --no-write   # quick look
     python benchmarks/mtl_overhead.py --apply-only            # apply() alone: Gramian from the total vs recovery
+    python benchmarks/mtl_overhead.py --device cuda           # on a GPU (its own block in benchmarks/README.md)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from _report import write_block
@@ -85,15 +87,15 @@ class Net(nn.Module):
         return {f"t{i}": F.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)}, z
 
 
-def make_steps(k: int) -> dict[str, Callable[[], None]]:
+def make_steps(k: int, device: str = "cpu") -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
-    x = torch.randn(256, 784)
-    y = torch.randint(0, 10, (256, k))
+    x = torch.randn(256, 784, device=device)
+    y = torch.randint(0, 10, (256, k), device=device)
     steps: dict[str, Callable[[], None]] = {}
 
     def fresh() -> tuple[Net, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        net = Net(k)
+        net = Net(k).to(device)
         return net, torch.optim.SGD(net.parameters(), lr=1e-3)
 
     net_p, opt_p = fresh()
@@ -164,23 +166,32 @@ def make_steps(k: int) -> dict[str, Callable[[], None]]:
     return steps
 
 
-def measure(steps: dict[str, Callable[[], None]], n: int, warmup: int = 3) -> dict[str, float]:
+def _sync(device: str) -> None:
+    """Wait for the accelerator, so that a wall-clock interval covers the work queued in it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(steps: dict[str, Callable[[], None]], n: int, warmup: int = 3, device: str = "cpu") -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + n):
         for name, step in steps.items():
+            _sync(device)
             t0 = time.perf_counter()
             step()
+            _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def apply_paths(k: int, steps: int) -> dict[str, float]:
+def apply_paths(k: int, steps: int, device: str = "cpu") -> dict[str, float]:
     """Median time of ``GradientEngine.apply`` alone (parameter mode, MGDA), interleaved: the last task read off the
-    total gradient (the CPU/fp32 path) and recovered by subtraction (the path elsewhere, forced here)."""
+    total gradient (the CPU/fp32 path) and recovered by subtraction (the path elsewhere, forced here). On a GPU both
+    run the recovery path."""
     torch.manual_seed(0)
-    x, y = torch.randn(256, 784), torch.randint(0, 10, (256, k))
-    net = Net(k)
+    x, y = torch.randn(256, 784, device=device), torch.randint(0, 10, (256, k), device=device)
+    net = Net(k).to(device)
     engines = {"Gramian from the total": GradientEngine(mtl.MGDA()), "g_K recovered": GradientEngine(mtl.MGDA())}
     times: dict[str, list[float]] = {name: [] for name in engines}
     for i in range(steps + 3):
@@ -192,16 +203,16 @@ def apply_paths(k: int, steps: int) -> dict[str, float]:
             total.backward()
             if name == "g_K recovered" and engine.strategy is not None:
                 engine.strategy._total_ok = False  # type: ignore[attr-defined]
+            _sync(device)
             t0 = time.perf_counter()
             engine.apply()
+            _sync(device)
             if i >= 3:
                 times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def _lightning_module(k: int) -> type:
-    import lightning as L
-
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -217,23 +228,35 @@ def _lightning_module(k: int) -> type:
     return Module
 
 
-def _fit(module, data, callbacks: list) -> None:
-    import lightning as L
+class _Synchronize(L.Callback):
+    """Waits for the accelerator at the start and end of each step; placed before the step timer, so that the
+    timer's interval covers the work the step queued."""
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _sync(str(pl_module.device))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(str(pl_module.device))
+
+
+def _fit(module, data, callbacks: list, device: str = "cpu") -> None:
+    on_gpu = torch.device(device).type == "cuda"
     trainer = L.Trainer(
         max_epochs=1,
-        accelerator="cpu",
+        accelerator="gpu" if on_gpu else "cpu",
         devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=callbacks,
+        callbacks=[_Synchronize(), *callbacks] if on_gpu else callbacks,
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=256))
 
 
-def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, tuple[float, list[float]]]:
+def lightning_overhead(
+    k: int, rounds: int, steps_per_round: int, device: str = "cpu"
+) -> dict[str, tuple[float, list[float]]]:
     """Per configuration: the median step time over all rounds, and its ratio to the Trainer without the callback
     in each round (the fits of one round run back to back, so a slow drift of the machine cancels in the ratio)."""
     from lightning_mtl.demo import StepTimer
@@ -256,7 +279,7 @@ def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, t
         medians: dict[str, float] = {}
         for name, cbs in configs.items():
             timer = StepTimer()
-            _fit(module_cls(), data, [timer, *cbs()])
+            _fit(module_cls(), data, [timer, *cbs()], device)
             times[name] += timer.times[2:]
             medians[name] = statistics.median(timer.times[2:])
         for name, ms in medians.items():
@@ -264,7 +287,9 @@ def lightning_overhead(k: int, rounds: int, steps_per_round: int) -> dict[str, t
     return {name: (1e3 * statistics.median(ts), ratios[name]) for name, ts in times.items()}
 
 
-def lightning_alternating(k: int, rounds: int, steps: int) -> dict[str, tuple[float, float, list[float]]]:
+def lightning_alternating(
+    k: int, rounds: int, steps: int, device: str = "cpu"
+) -> dict[str, tuple[float, float, list[float]]]:
     """The callback switched on for the even steps of one fit only, so that steps with and without it alternate in
     the same Trainer, process and memory state. Per configuration: the median step time with and without it, and
     the ratio of the two medians in each round (one fit of ``steps`` steps)."""
@@ -279,7 +304,7 @@ def lightning_alternating(k: int, rounds: int, steps: int) -> dict[str, tuple[fl
     for _ in range(rounds):
         for name, mode in configs.items():
             timer = StepTimer()
-            _fit(module_cls(), data, [timer, EveryOtherStep(mtl.MGDA(), mode=mode, validate=False)])
+            _fit(module_cls(), data, [timer, EveryOtherStep(mtl.MGDA(), mode=mode, validate=False)], device)
             on, off = timer.times[2::2], timer.times[3::2]
             out[name][0].extend(on)
             out[name][1].extend(off)
@@ -297,26 +322,32 @@ def main() -> None:
     parser.add_argument("--lightning-rounds", type=int, default=8)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--apply-only", action="store_true", help="time apply() alone, the two last-task paths")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda; a CUDA run writes its own block (mtl_overhead_cuda)"
+    )
     args = parser.parse_args()
+    device = args.device
     if args.apply_only:
         for k in (int(s) for s in args.tasks.split(",")):
-            for name, ms in apply_paths(k, args.steps).items():
+            for name, ms in apply_paths(k, args.steps, device).items():
                 print(f"K={k} apply, {name}: {ms:.2f} ms", flush=True)
         return
 
+    on_gpu = torch.device(device).type == "cuda"
+    where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
     lines = [
-        f"Median step time over {args.steps} interleaved steps, {torch.get_num_threads()} CPU threads, "
-        f"torch {torch.__version__}. Ratios are within one run.",
+        f"Median step time over {args.steps} interleaved steps, {where}, torch {torch.__version__}. Ratios are "
+        "within one run.",
         "",
         "| K | configuration | ms / step | vs plain | vs floor |",
         "|---|---|---|---|---|",
     ]
     for k in (int(s) for s in args.tasks.split(",")):
-        result = measure(make_steps(k), args.steps)
+        result = measure(make_steps(k, device), args.steps, device=device)
         for name, ms in result.items():
             lines.append(f"| {k} | {name} | {ms:.1f} | {ms / result['plain']:.2f}× | {ms / result['floor']:.2f}× |")
             print(lines[-1], flush=True)
-    lk = lightning_overhead(4, args.lightning_rounds, 20)
+    lk = lightning_overhead(4, args.lightning_rounds, 20, device)
     lines += [
         "",
         f"Inside a Lightning Trainer (K = 4, {args.lightning_rounds} rounds of one fit of 20 steps per configuration; "
@@ -329,7 +360,7 @@ def main() -> None:
     for name, (ms, ratios) in lk.items():
         lines.append(f"| {name} | {ms:.1f} | {statistics.median(ratios):.2f}× | {min(ratios):.2f}-{max(ratios):.2f}× |")
         print(lines[-1], flush=True)
-    alt = lightning_alternating(4, args.lightning_rounds // 2, 40)
+    alt = lightning_alternating(4, args.lightning_rounds // 2, 40, device)
     lines += [
         "",
         f"The callback on every other step of one fit (K = 4, {args.lightning_rounds // 2} fits of 40 steps per "
@@ -347,7 +378,8 @@ def main() -> None:
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     if not args.no_write:
-        write_block(README, "<!-- BEGIN mtl_overhead -->", "<!-- END mtl_overhead -->", table, default="# Benchmarks\n")
+        tag = "mtl_overhead_cuda" if on_gpu else "mtl_overhead"
+        write_block(README, f"<!-- BEGIN {tag} -->", f"<!-- END {tag} -->", table, default="# Benchmarks\n")
         print(f"wrote {README}")
 
 
