@@ -42,6 +42,7 @@ from torch import nn
 
 import lightning_mtl as mtl
 from lightning_mtl.callbacks import MultiTaskGradient
+from lightning_mtl.demo import StepTimer
 from lightning_mtl.engine import GradientEngine
 from lightning_mtl.tasks import TaskLosses
 
@@ -259,7 +260,6 @@ def lightning_overhead(
 ) -> dict[str, tuple[float, list[float]]]:
     """Per configuration: the median step time over all rounds, and its ratio to the Trainer without the callback
     in each round (the fits of one round run back to back, so a slow drift of the machine cancels in the ratio)."""
-    from lightning_mtl.demo import StepTimer
 
     module_cls = _lightning_module(k)
     torch.manual_seed(0)
@@ -293,8 +293,6 @@ def lightning_alternating(
     """The callback switched on for the even steps of one fit only, so that steps with and without it alternate in
     the same Trainer, process and memory state. Per configuration: the median step time with and without it, and
     the ratio of the two medians in each round (one fit of ``steps`` steps)."""
-
-    from lightning_mtl.demo import StepTimer
 
     module_cls = _lightning_module(k)
     torch.manual_seed(0)
