@@ -328,6 +328,13 @@ class _DumpHistories(Callback):
         with open(os.path.join(self.path, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"histories": histories, "fsdp2": _fsdp2_check()}, f)
 
+    def teardown(self, trainer, pl_module, stage):  # type: ignore[no-untyped-def]
+        # without destroy_process_group, gloo work left by the FSDP2 check can outlive the interpreter and abort the
+        # worker at exit ("terminate called without an active exception"; pytorch/pytorch#179291): seen once in CI
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 def _fsdp2_check() -> str:
     """Real FSDP2 (``fully_shard`` over the 2 gloo processes): sums of squares of DTensor shards are all-reduced.
