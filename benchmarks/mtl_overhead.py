@@ -240,6 +240,12 @@ class _Synchronize(L.Callback):
         _sync(str(pl_module.device))
 
 
+def _trainer_data(k: int, steps: int) -> torch.utils.data.TensorDataset:
+    """``steps`` batches of 256 random inputs with K labels each (seeded)."""
+    torch.manual_seed(0)
+    return torch.utils.data.TensorDataset(torch.randn(256 * steps, 784), torch.randint(0, 10, (256 * steps, k)))
+
+
 def _fit(module, data, callbacks: list, device: str = "cpu") -> None:
     on_gpu = torch.device(device).type == "cuda"
     trainer = L.Trainer(
@@ -260,12 +266,8 @@ def lightning_overhead(
 ) -> dict[str, tuple[float, list[float]]]:
     """Per configuration: the median step time over all rounds, and its ratio to the Trainer without the callback
     in each round (the fits of one round run back to back, so a slow drift of the machine cancels in the ratio)."""
-
     module_cls = _lightning_module(k)
-    torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(
-        torch.randn(256 * steps_per_round, 784), torch.randint(0, 10, (256 * steps_per_round, k))
-    )
+    data = _trainer_data(k, steps_per_round)
     configs = {
         "Trainer, no callback": lambda: [],
         "Trainer + MultiTaskGradient(MGDA)": lambda: [MultiTaskGradient(mtl.MGDA(), validate=False)],
@@ -293,10 +295,8 @@ def lightning_alternating(
     """The callback switched on for the even steps of one fit only, so that steps with and without it alternate in
     the same Trainer, process and memory state. Per configuration: the median step time with and without it, and
     the ratio of the two medians in each round (one fit of ``steps`` steps)."""
-
     module_cls = _lightning_module(k)
-    torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(256 * steps, 784), torch.randint(0, 10, (256 * steps, k)))
+    data = _trainer_data(k, steps)
     configs = {"MultiTaskGradient(MGDA)": "parameter", "MultiTaskGradient(MGDA, representation)": "representation"}
     out: dict[str, tuple[list[float], list[float], list[float]]] = {c: ([], [], []) for c in configs}
     for _ in range(rounds):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import mtl_overhead as bench
@@ -23,8 +22,7 @@ def test_every_configuration_runs_a_step():
 
 @pytest.mark.parametrize("mode", ["parameter", "representation"])
 def test_every_other_step_weighs_the_even_steps_only(mode):
-    torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(256 * 5, 784), torch.randint(0, 10, (256 * 5, 2)))
+    data = bench._trainer_data(2, 5)
     callback = bench.EveryOtherStep(mtl.MGDA(), mode=mode, validate=False)
     weighed: list[int] = []
     apply = callback.engine.apply

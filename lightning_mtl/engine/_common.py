@@ -134,29 +134,22 @@ def recover_last(jac: Tensor, params: Sequence[nn.Parameter]) -> None:
 def write_combination(weights: Tensor, jac: Tensor, params: Iterable[nn.Parameter]) -> None:
     """``.grad = weights @ jac``, written into each gradient in place (no flat temporary, no host round trip).
 
-    One ``[1, K] @ [K, n]`` product per parameter, straight into its ``.grad``: a single pass that reads the K rows
+    One ``[1, K] @ [K, n]`` product per parameter, straight into its ``.grad`` (:func:`add_combination` with
+    ``beta = 0``, so the old ``.grad``, even a non-finite one, is not read): a single pass that reads the K rows
     once. On CPU here 1.1× (K = 2) to 1.4× (K = 4) faster than ``w_0 J_0`` followed by one ``addcmul_`` per further
     row, which reads and writes ``.grad`` K times, and faster than ``mv`` with the transposed K×n block, whose gemv
     walks the rows with a stride.
     """
-    w = weights.view(1, -1)
-    for p, span in _chunks(params):
-        if p.grad is None:  # no task reached p this step, so the optimizer skips it as it would anyway
-            continue
-        flat = _flat_grad(p)
-        if flat is not None:
-            torch.mm(w, jac[:, span], out=flat.view(1, -1))
-        else:
-            local = local_tensor(p.grad)
-            local.copy_((w @ jac[:, span]).view(local.shape))
+    add_combination(0.0, weights.view(1, -1), jac, params)
 
 
 def add_combination(beta: float, weights: Tensor, rows: Tensor, params: Iterable[nn.Parameter]) -> None:
-    """``.grad = beta * .grad + weights @ rows`` in place, for ``weights`` of shape ``[1, len(rows)]``.
+    """``.grad = beta * .grad + weights @ rows`` in place, for ``weights`` of shape ``[1, len(rows)]``; with
+    ``beta = 0`` the old ``.grad`` is ignored (``addmm`` semantics: a NaN or inf in it does not propagate).
 
     One ``addmm_`` per parameter: a single pass that reads ``.grad`` and the rows once. Where ``.grad`` holds the
     total of the tasks whose others are ``rows``, this writes the combination without reading a copy of the total:
-    on CPU here 1.3× faster than :func:`write_combination` over the K rows at K = 2, and as fast at K = 4.
+    on CPU here 1.3× faster than the product over all K rows at K = 2, and as fast at K = 4.
     """
     for p, span in _chunks(params):
         if p.grad is None:  # no task reached p this step, so the optimizer skips it as it would anyway
@@ -166,4 +159,4 @@ def add_combination(beta: float, weights: Tensor, rows: Tensor, params: Iterable
             flat.view(1, -1).addmm_(weights, rows[:, span], beta=beta)
         else:
             local = local_tensor(p.grad)
-            local.copy_((beta * local.reshape(1, -1)).addmm_(weights, rows[:, span]).view(local.shape))
+            local.copy_(torch.addmm(local.reshape(1, -1), weights, rows[:, span], beta=beta).view(local.shape))
