@@ -1,16 +1,20 @@
 """Step-time overhead of the multi-task gradient engine, as ratios measured in one run.
 
-Shared MLP 784→1024→1024→1024→512 (ReLU), K linear heads 512→10, batch 256, SGD. Every configuration runs the
-same model and batch; the configurations are interleaved step by step (ABCD ABCD ...) so that a noisy, shared
-machine slows them alike, and the median step time of each is reported.
+Shared MLP 784→1024→1024→1024→512 (ReLU), K linear heads 512→10, batch 256 (``--batch``), SGD. Every configuration
+runs the same model and batch; the configurations are interleaved step by step (ABCD ABCD ...) so that a noisy,
+shared machine slows them alike, and the median step time of each is reported.
 
 Configurations (plain PyTorch loops; one step = forward, backward work, optimiser step):
 
 - ``plain``: backward of the summed loss (what a single-objective step costs).
 - ``floor``: one forward + K ``torch.autograd.grad`` backward passes over all parameters, no aggregation: the least
   any exact per-task-gradient method can cost.
+- ``floor+gram+write``: the floor, plus the two passes over the K task gradients that any Gramian-based weighting
+  needs, with the engine's kernels, as if the backward had left the gradients in one buffer for free: the Gramian
+  (reads the K rows) and the write-back into ``.grad`` (reads them again, writes ``.grad``); no copies, no weighting.
+  A lower bound for parameter mode on this machine.
 - ``ours-param/<w>``: ``GradientEngine`` parameter mode: K-1 ``autograd.grad`` on the shared parameters, the
-  ordinary backward, recovery of the last task by subtraction, Gramian, weights, write-back.
+  ordinary backward, the Gramian (on CPU of the K-1 rows and the total, copied in), weights, write-back.
 - ``ours-repr/<w>``: representation mode: K gradients w.r.t. the 512-d features + a hook in the ordinary backward.
 - ``torchjd/<w>``: ``torchjd.autojac.mtl_backward`` + ``jac_to_grad`` with torchjd's MGDA and UPGrad aggregators.
 
@@ -21,6 +25,7 @@ Usage::
 
     python benchmarks/mtl_overhead.py            # regenerates the table in benchmarks/README.md
     python benchmarks/mtl_overhead.py --steps 10 --no-write   # quick look
+    python benchmarks/mtl_overhead.py --batch 1024 --no-write # the plain-loop table at another batch size
     python benchmarks/mtl_overhead.py --apply-only            # apply() alone: Gramian from the total vs recovery
     python benchmarks/mtl_overhead.py --device cuda           # on a GPU (its own block in benchmarks/README.md)
 """
@@ -44,6 +49,7 @@ import lightning_mtl as mtl
 from lightning_mtl.callbacks import MultiTaskGradient
 from lightning_mtl.demo import StepTimer
 from lightning_mtl.engine import GradientEngine
+from lightning_mtl.engine._common import add_combination, gramian
 from lightning_mtl.tasks import TaskLosses
 
 README = Path(__file__).with_name("README.md")
@@ -88,10 +94,10 @@ class Net(nn.Module):
         return {f"t{i}": F.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)}, z
 
 
-def make_steps(k: int, device: str = "cpu") -> dict[str, Callable[[], None]]:
+def make_steps(k: int, device: str = "cpu", batch: int = 256) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
-    x = torch.randn(256, 784, device=device)
-    y = torch.randint(0, 10, (256, k), device=device)
+    x = torch.randn(batch, 784, device=device)
+    y = torch.randint(0, 10, (batch, k), device=device)
     steps: dict[str, Callable[[], None]] = {}
 
     def fresh() -> tuple[Net, torch.optim.Optimizer]:
@@ -109,19 +115,37 @@ def make_steps(k: int, device: str = "cpu") -> dict[str, Callable[[], None]]:
 
     steps["plain"] = plain
 
+    def k_backward_passes(net: Net, params: list[nn.Parameter]) -> None:
+        """One forward and K ``autograd.grad`` passes over ``params``; the last task's gradient left in ``.grad``."""
+        losses, _ = net.losses(x, y)
+        for i, loss in enumerate(losses.values()):
+            grads = torch.autograd.grad(loss, params, retain_graph=i < k - 1, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+
     net_f, opt_f = fresh()
     params_f = list(net_f.parameters())
 
     def floor() -> None:
-        losses, _ = net_f.losses(x, y)
         opt_f.zero_grad()
-        for i, loss in enumerate(losses.values()):
-            grads = torch.autograd.grad(loss, params_f, retain_graph=i < k - 1, allow_unused=True)
-        for p, g in zip(params_f, grads):
-            p.grad = g
+        k_backward_passes(net_f, params_f)
         opt_f.step()
 
     steps["floor"] = floor
+
+    net_b, opt_b = fresh()
+    params_b, shared_b = list(net_b.parameters()), list(net_b.trunk.parameters())
+    rows = torch.randn(k, sum(p.numel() for p in shared_b), device=device)  # the K task gradients, laid out for free
+    combination = torch.full((1, k - 1), 1.0 / k, device=device)
+
+    def bound() -> None:
+        opt_b.zero_grad()
+        k_backward_passes(net_b, params_b)
+        gramian(rows)
+        add_combination(1.0 / k, combination, rows[:-1], shared_b)
+        opt_b.step()
+
+    steps["floor+gram+write"] = bound
 
     def ours(weighting: mtl.Weighting, mode: str) -> Callable[[], None]:
         net, opt = fresh()
@@ -317,6 +341,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="measured steps per configuration")
     parser.add_argument("--tasks", default="2,4")
+    parser.add_argument("--batch", type=int, default=256, help="batch size of the plain-loop table")
     parser.add_argument("--lightning-rounds", type=int, default=8)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--apply-only", action="store_true", help="time apply() alone, the two last-task paths")
@@ -334,14 +359,14 @@ def main() -> None:
     on_gpu = torch.device(device).type == "cuda"
     where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
     lines = [
-        f"Median step time over {args.steps} interleaved steps, {where}, torch {torch.__version__}. Ratios are "
-        "within one run.",
+        f"Median step time over {args.steps} interleaved steps, batch {args.batch}, {where}, torch "
+        f"{torch.__version__}. Ratios are within one run.",
         "",
         "| K | configuration | ms / step | vs plain | vs floor |",
         "|---|---|---|---|---|",
     ]
     for k in (int(s) for s in args.tasks.split(",")):
-        result = measure(make_steps(k, device), args.steps, device=device)
+        result = measure(make_steps(k, device, args.batch), args.steps, device=device)
         for name, ms in result.items():
             lines.append(f"| {k} | {name} | {ms:.1f} | {ms / result['plain']:.2f}× | {ms / result['floor']:.2f}× |")
             print(lines[-1], flush=True)
