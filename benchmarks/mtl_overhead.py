@@ -53,6 +53,7 @@ from lightning_mtl.engine._common import add_combination, gramian
 from lightning_mtl.tasks import TaskLosses
 
 README = Path(__file__).with_name("README.md")
+BATCH = 256  #: the batch size of every table (the plain-loop one takes ``--batch``)
 
 
 class EveryOtherStep(MultiTaskGradient):
@@ -94,7 +95,7 @@ class Net(nn.Module):
         return {f"t{i}": F.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)}, z
 
 
-def make_steps(k: int, device: str = "cpu", batch: int = 256) -> dict[str, Callable[[], None]]:
+def make_steps(k: int, device: str = "cpu", batch: int = BATCH) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     x = torch.randn(batch, 784, device=device)
     y = torch.randint(0, 10, (batch, k), device=device)
@@ -191,9 +192,13 @@ def make_steps(k: int, device: str = "cpu", batch: int = 256) -> dict[str, Calla
     return steps
 
 
+def _on_gpu(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def _sync(device: str) -> None:
     """Wait for the accelerator, so that a wall-clock interval covers the work queued in it."""
-    if torch.device(device).type == "cuda":
+    if _on_gpu(device):
         torch.cuda.synchronize(device)
 
 
@@ -215,7 +220,7 @@ def apply_paths(k: int, steps: int, device: str = "cpu") -> dict[str, float]:
     total gradient (the CPU/fp32 path) and recovered by subtraction (the path elsewhere, forced here). On a GPU both
     run the recovery path."""
     torch.manual_seed(0)
-    x, y = torch.randn(256, 784, device=device), torch.randint(0, 10, (256, k), device=device)
+    x, y = torch.randn(BATCH, 784, device=device), torch.randint(0, 10, (BATCH, k), device=device)
     net = Net(k).to(device)
     engines = {"Gramian from the total": GradientEngine(mtl.MGDA()), "g_K recovered": GradientEngine(mtl.MGDA())}
     times: dict[str, list[float]] = {name: [] for name in engines}
@@ -265,13 +270,13 @@ class _Synchronize(L.Callback):
 
 
 def _trainer_data(k: int, steps: int) -> torch.utils.data.TensorDataset:
-    """``steps`` batches of 256 random inputs with K labels each (seeded)."""
+    """``steps`` batches of :data:`BATCH` random inputs with K labels each (seeded)."""
     torch.manual_seed(0)
-    return torch.utils.data.TensorDataset(torch.randn(256 * steps, 784), torch.randint(0, 10, (256 * steps, k)))
+    return torch.utils.data.TensorDataset(torch.randn(BATCH * steps, 784), torch.randint(0, 10, (BATCH * steps, k)))
 
 
 def _fit(module, data, callbacks: list, device: str = "cpu") -> None:
-    on_gpu = torch.device(device).type == "cuda"
+    on_gpu = _on_gpu(device)
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="gpu" if on_gpu else "cpu",
@@ -282,7 +287,7 @@ def _fit(module, data, callbacks: list, device: str = "cpu") -> None:
         enable_model_summary=False,
         callbacks=[_Synchronize(), *callbacks] if on_gpu else callbacks,
     )
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=256))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=BATCH))
 
 
 def lightning_overhead(
@@ -341,7 +346,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="measured steps per configuration")
     parser.add_argument("--tasks", default="2,4")
-    parser.add_argument("--batch", type=int, default=256, help="batch size of the plain-loop table")
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch size of the plain-loop table")
     parser.add_argument("--lightning-rounds", type=int, default=8)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--apply-only", action="store_true", help="time apply() alone, the two last-task paths")
@@ -356,7 +361,7 @@ def main() -> None:
                 print(f"K={k} apply, {name}: {ms:.2f} ms", flush=True)
         return
 
-    on_gpu = torch.device(device).type == "cuda"
+    on_gpu = _on_gpu(device)
     where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
     lines = [
         f"Median step time over {args.steps} interleaved steps, batch {args.batch}, {where}, torch "
