@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import lightning_mtl as mtl
 from lightning_mtl.callbacks import MultiTaskGradient
 from lightning_mtl.engine import GradientEngine
+from tests._distributed import shut_down
 from tests._mtl_models import TwoHeads, loader, make_data, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             _loop(module, ds, GradientEngine(make(), mode), rank, world, steps=5, batch=8)
             results[(mode, name)] = [p.detach().clone() for p in module.parameters()]
     torch.save(results, f"{out}/loop{rank}.pt")
-    dist.destroy_process_group()
+    shut_down()
 
 
 def test_plain_ddp_loop_every_weighting_both_modes(tmp_path):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mtl.callbacks import GradientMagnitudeProbe, ResidualProbe
 from lightning_mtl.probes import find_residual_blocks, parameter_stats, reduce_sharded_rows, select_layers
+from tests._distributed import shut_down
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -329,11 +330,7 @@ class _DumpHistories(Callback):
             json.dump({"histories": histories, "fsdp2": _fsdp2_check()}, f)
 
     def teardown(self, trainer, pl_module, stage):  # type: ignore[no-untyped-def]
-        # without destroy_process_group, gloo work left by the FSDP2 check can outlive the interpreter and abort the
-        # worker at exit ("terminate called without an active exception"; pytorch/pytorch#179291): seen once in CI
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        shut_down()  # the FSDP2 check's gloo work must not outlive the interpreter
 
 
 def _fsdp2_check() -> str:

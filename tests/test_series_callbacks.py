@@ -24,6 +24,7 @@ from torch import nn
 from lightning_mtl.callbacks import ExponentiatedStepSize, ProjectedWeightDecay
 from lightning_mtl.callbacks.exponentiated import exponentiated_multiplier_update
 from lightning_mtl.callbacks.projected_decay import check_strategy, project_weight_decay, weight_decay_coefficient
+from tests._distributed import shut_down
 from tests._mtl_models import GradRecorder, TwoHeads, loader, make_data, trainer
 
 mp.set_sharing_strategy("file_system")  # several spawns in one process (as in tests/test_distributed.py)
@@ -527,7 +528,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str) -> None:
         params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         results[name] = (params, state)
     torch.save(results, f"{out}/fsdp2_rank{rank}.pt")
-    dist.destroy_process_group()
+    shut_down()
 
 
 @pytest.mark.slow
