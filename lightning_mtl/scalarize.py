@@ -79,8 +79,13 @@ class InitialLossNormalization(Scalarizer):
         _check(losses)
         if self._count < self.warmup_steps and self.training:
             for k, v in losses.items():
-                self._sums[k] = self._sums.get(k, torch.zeros(())).to(v.device) + v.detach().float()
+                self._sums[k] = (
+                    self._sums.get(k, v.new_zeros((), dtype=torch.float32)).to(v.device) + v.detach().float()
+                )
             self._count += 1
+        for k, v in losses.items():  # given or loaded on the host: moved to the losses' device once, not every step
+            if k in self._sums and self._sums[k].device != v.device:
+                self._sums[k] = self._sums[k].to(v.device)
         if not self._sums:
             raise RuntimeError("InitialLossNormalization has no initial losses yet: call it in training mode first.")
         initial = self.initial

@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_mtl import _device
+
 __all__ = [
     "MGDA",
     "GradNormalize",
@@ -107,7 +109,7 @@ class Weighting(nn.Module):
         if self.fallbacks.device != bad.device:
             self.fallbacks = self.fallbacks.to(bad.device)
         self.fallbacks += bad.long()
-        if bad.device.type == "cpu":  # no device to wait for: tell the user now
+        if _device.on_host(bad):  # no device to wait for: tell the user now
             self.report_fallbacks()
 
     def report_fallbacks(self) -> int:
@@ -345,13 +347,32 @@ class PCGrad(Weighting):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator: torch.Generator | None = None  # made on the Gramian's device at the first call
+        self._pending_state: dict | None = None  # a loaded state, applied when the generator is made
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device.type != device.type:
+            gen = torch.Generator(device=device).manual_seed(self.seed)
+            state, self._pending_state = self._pending_state, None
+            if state is not None:
+                if state.get("device", "cpu") == device.type:
+                    gen.set_state(state["generator"])
+                else:
+                    warnings.warn(
+                        f"PCGrad: the checkpoint's random state was drawn on {state.get('device', 'cpu')}, this run "
+                        f"draws on {device.type}; the random orders start again from seed={self.seed}.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            self._generator = gen
+        return self._generator
 
     def weights(self, gramian: Tensor) -> Tensor:
         k = gramian.shape[0]
         dev, dt = gramian.device, gramian.dtype
-        # one random order of the other tasks per task, drawn on the host (no device sync), then copied over
-        order = torch.stack([torch.randperm(k, generator=self._generator) for _ in range(k)]).to(dev)
+        # one random order of the tasks per task, drawn on the Gramian's device (no copy from the host): the ranks of
+        # k uniform numbers are a uniform permutation
+        order = torch.rand(k, k, generator=self._generator_on(dev), device=dev, dtype=torch.float32).argsort(dim=1)
         coef = torch.eye(k, dtype=dt, device=dev)
         diag = gramian.diagonal()
         rows = torch.arange(k, device=dev)
@@ -361,14 +382,17 @@ class PCGrad(Weighting):
             gjj = diag[j]
             conflict = (dots < 0) & (j != rows) & (gjj > 0)
             step = torch.where(conflict, dots / torch.where(gjj > 0, gjj, torch.ones_like(gjj)), 0.0)
-            coef = coef - step[:, None] * torch.nn.functional.one_hot(j, k).to(dt)
+            coef = coef - step[:, None] * (j[:, None] == rows).to(dt)
         return coef.sum(0)
 
     def get_extra_state(self) -> dict:
-        return {"generator": self._generator.get_state()}
+        if self._generator is None:
+            return self._pending_state or {"generator": torch.Generator().manual_seed(self.seed).get_state()}
+        return {"generator": self._generator.get_state(), "device": self._generator.device.type}
 
     def set_extra_state(self, state: dict) -> None:
-        self._generator.set_state(state["generator"])
+        self._generator = None
+        self._pending_state = dict(state)
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"
@@ -520,10 +544,8 @@ def _primary_aux_two(gramian: Tensor, primary: int) -> Tensor:
     lam = torch.where(
         gaa > 0, torch.relu(-gramian[primary, aux]) / torch.where(gaa > 0, gaa, torch.ones_like(gaa)), 0.0
     )
-    w = torch.empty(2, dtype=gramian.dtype, device=gramian.device)
-    w[primary] = 1.0
-    w[aux] = lam
-    return w
+    one = torch.ones_like(lam)
+    return torch.stack([one, lam] if primary == 0 else [lam, one])
 
 
 def min_norm_weights(
@@ -623,8 +645,7 @@ class _KKTFrame(NamedTuple):
         frame[:, :k, :k] = torch.diag_embed(1 - mf)
         frame[:, :k, k] = -p * mf
         frame[:, k, :k] = p * mf
-        rhs = torch.zeros(k + 1, dtype=mf.dtype, device=mf.device)
-        rhs[k] = 1.0
+        rhs = torch.eye(k + 1, dtype=mf.dtype, device=mf.device)[k]
         return cls(p, mf, mf[:, :, None] * mf[:, None, :], frame, rhs)
 
 
@@ -643,10 +664,18 @@ def _solve_supports(g: Tensor, f: _KKTFrame) -> tuple[Tensor, Tensor]:
 
 
 def _primary_mask(k: int, prim: tuple[int, ...], like: Tensor) -> Tensor:
-    """The indicator of the primaries, [K], in ``like``'s dtype and on its device."""
-    p = torch.zeros(k, dtype=like.dtype, device=like.device)
-    p[list(prim)] = 1.0
-    return p
+    """The indicator of the primaries, [K], in ``like``'s dtype and on its device (built by a comparison on the
+    device: no index list copied from the host)."""
+    return _indicator(k, prim, like.device).to(like.dtype)
+
+
+def _indicator(n: int, members: tuple[int, ...], device: torch.device) -> Tensor:
+    """``[i in members for i in range(n)]`` as a bool tensor made on ``device`` by kernels with Python scalars."""
+    idx = torch.arange(n, device=device)
+    out = torch.zeros(n, dtype=torch.bool, device=device)
+    for i in members:
+        out |= idx == i
+    return out
 
 
 @lru_cache(maxsize=32)
@@ -658,24 +687,24 @@ def _exact_frame(k: int, prim: tuple[int, ...], dtype: torch.dtype, device: torc
 
 def _exact(g: Tensor, prim: tuple[int, ...]) -> Tensor:
     x, obj = _solve_supports(g, _exact_frame(g.shape[0], prim, g.dtype, g.device))
-    return x[obj.argmin()]
+    return x.index_select(0, obj.argmin().view(1)).squeeze(0)  # a device-side gather: no index read on the host
 
 
 def _iterative(g: Tensor, prim: tuple[int, ...], max_iter: int) -> Tensor:
     k = g.shape[0]
     dev, dt = g.device, g.dtype
-    is_p = torch.zeros(k, dtype=torch.bool, device=dev)
-    is_p[list(prim)] = True
+    is_p = _indicator(k, prim, dev)
     x = is_p.to(dt) / len(prim)
     diag = g.diagonal()
-    inf = torch.tensor(float("inf"), dtype=dt, device=dev)
+    inf = torch.full((), float("inf"), dtype=dt, device=dev)
+    idx = torch.arange(k, device=dev)
     aux = [i for i in range(k) if i not in prim]
     unit = torch.eye(k, dtype=dt, device=dev)
     for _ in range(max_iter):
         if len(prim) > 1:  # Frank-Wolfe step among the primaries
             gx = g @ x
             tau = torch.where(is_p, gx, inf).argmin()
-            d = torch.nn.functional.one_hot(tau, k).to(dt) * is_p - torch.where(is_p, x, 0.0)
+            d = (idx == tau).to(dt) * is_p - torch.where(is_p, x, 0.0)
             dgd = d @ g @ d
             gamma = torch.where(dgd > 0, -(d @ gx) / torch.where(dgd > 0, dgd, torch.ones_like(dgd)), 0.0).clamp(0, 1)
             x = x + gamma * d
@@ -713,8 +742,7 @@ def _active_set(g: Tensor, prim: tuple[int, ...], steps: int) -> Tensor:
     k = g.shape[0]
     n = k + 1  # every vector has one more entry, k, for the multiplier nu: it stays in the support, never joins/drops
     dev, dt = g.device, g.dtype
-    p = torch.zeros(n, dtype=dt, device=dev)
-    p[list(prim)] = 1.0
+    p = _indicator(n, prim, dev).to(dt)
     kkt = torch.zeros(n, n, dtype=dt, device=dev)
     kkt[:k, :k] = g + torch.diag(ACTIVE_SET_RIDGE * g.diagonal().clamp_min(0))
     kkt[:, k] = -p

@@ -190,8 +190,9 @@ class ExponentiatedStepSize(Callback):
 
     @property
     def steps(self) -> dict[str, int]:
-        """The number of steps :math:`t` each parameter has taken with the callback, by parameter name."""
-        return dict(self._steps)
+        """The number of steps :math:`t` each parameter has taken with the callback, by parameter name (under a
+        GradScaler the counts live on the device, so reading them waits for it)."""
+        return {n: int(s) for n, s in self._steps.items()}
 
     # --- Lightning hooks ----------------------------------------------------------------------------------------
     @override
@@ -213,20 +214,20 @@ class ExponentiatedStepSize(Callback):
         if not params:
             return
         grad_scale: Tensor | None = None
+        skip: Tensor | None = None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             from torch.amp.grad_scaler import OptState
 
             state = scaler._per_optimizer_states[id(optimizer)]
+            device = local_tensor(params[0].grad).device  # type: ignore[arg-type]
             if state["stage"] is OptState.UNSCALED:  # Lightning unscaled .grad before this hook
-                found = state["found_inf_per_device"]
-                if found and sum(v.item() for v in found.values()):
-                    return  # the scaler skips this step: leave everything as it is
+                found = [v.to(device) for v in state["found_inf_per_device"].values()]
+                skip = torch.stack(found).sum() > 0 if found else None
             else:  # a fused optimizer unscales inside its step: .grad still carries the loss scale
-                if not _all_finite(params):
-                    return
+                skip = _any_non_finite(params)
                 grad_scale = scaler._scale
-        self.apply(self._named(pl_module, params), grad_scale=grad_scale)
+        self.apply(self._named(pl_module, params), grad_scale=grad_scale, skip=skip)
 
     def _named(self, pl_module: pl.LightningModule, params: Sequence[Tensor]) -> list[tuple[str, Tensor]]:
         """``(name, parameter)`` of the optimizer's parameters, named as in ``pl_module.named_parameters()``."""
@@ -250,16 +251,22 @@ class ExponentiatedStepSize(Callback):
 
     # --- the update ---------------------------------------------------------------------------------------------
     def apply(
-        self, named_parameters: Iterable[tuple[str, Tensor]], *, grad_scale: Tensor | float | None = None
+        self,
+        named_parameters: Iterable[tuple[str, Tensor]],
+        *,
+        grad_scale: Tensor | float | None = None,
+        skip: Tensor | None = None,
     ) -> None:
         r"""One optimizer step: update :math:`\nu` from each parameter's ``.grad`` and rewrite ``.grad`` in place
         as :math:`\nu \odot` ``.grad`` (parameters without a gradient are skipped).
 
         Call it after the backward (after ``scaler.unscale_(optimizer)`` under AMP) and before
-        ``optimizer.step()``, with the parameters' names (``module.named_parameters()``), and not for a step that
-        the GradScaler will skip. ``grad_scale``: the factor ``.grad`` still carries (the loss scale, when it is not
-        unscaled yet); :math:`\nu` is computed from ``.grad / grad_scale``. Under FSDP2 with ``per_layer`` every
-        rank must call it with the same parameters (it issues one all-reduce).
+        ``optimizer.step()``, with the parameters' names (``module.named_parameters()``). ``grad_scale``: the factor
+        ``.grad`` still carries (the loss scale, when it is not unscaled yet); :math:`\nu` is computed from
+        ``.grad / grad_scale``. ``skip``: a boolean 0-d tensor, true for a step that the GradScaler will skip
+        (inf/NaN gradients): the state (:math:`\nu`, :math:`g_{t-1}`, the step count) is then left as it was. It is
+        applied on the device (``torch.where``), so no step waits for the GPU to say whether it is skipped. Under
+        FSDP2 with ``per_layer`` every rank must call it with the same parameters (it issues one all-reduce).
         """
         inv_scale: Tensor | float | None = None
         if grad_scale is not None:
@@ -273,21 +280,39 @@ class ExponentiatedStepSize(Callback):
             g = grad.to(prev.dtype)  # the same tensor when the dtypes agree: copied into prev before grad changes
             if inv_scale is not None:
                 g = g * inv_scale
-            entries.append((name, p, grad, g, self._steps[name] >= max(self.warmup_steps, 1)))
+            entries.append((name, p, grad, g))
+        if not entries:
+            return
+        warm = max(self.warmup_steps, 1)
         correlations: dict[str, Tensor] = {}
-        moving = [e for e in entries if e[4]]
-        if self.per_layer and moving:
-            dots = torch.stack([torch.dot(self._prev[n].reshape(-1), g.reshape(-1)) for n, _, _, g, _ in moving])
-            dots = reduce_sharded_rows(dots.unsqueeze(1), [p for _, p, _, _, _ in moving]).squeeze(1)
-            correlations = {e[0]: d for e, d in zip(moving, dots, strict=True)}
-        for name, _, grad, g, moves in entries:
-            if moves:
-                prev = self._prev[name]
-                correlation = correlations[name] if self.per_layer else prev * g
-                self._nu[name] = _grow(self._nu[name], correlation, self.gamma, self.clamp)
-            self._prev[name].copy_(g)
-            grad.mul_(self._nu[name])
-            self._steps[name] += 1
+        if self.per_layer:  # every parameter's <g_{t-1}, g_t>, in one all-reduce under FSDP2
+            dots = torch.stack([torch.dot(self._prev[n].reshape(-1), g.reshape(-1)) for n, _, _, g in entries])
+            dots = reduce_sharded_rows(dots.unsqueeze(1), [p for _, p, _, _ in entries]).squeeze(1)
+            correlations = {e[0]: d for e, d in zip(entries, dots, strict=True)}
+        for name, _, grad, g in entries:
+            nu, prev, steps = self._nu[name], self._prev[name], self._steps[name]
+            if isinstance(steps, int) and skip is None:  # the count is known on the host: no masked update needed
+                if steps >= warm:
+                    nu = self._nu[name] = _grow(
+                        nu, correlations[name] if self.per_layer else prev * g, self.gamma, self.clamp
+                    )
+                prev.copy_(g)
+                self._steps[name] = steps + 1
+            else:  # whether the step moves (warm-up over, step not skipped) is decided on the device
+                steps = self._device_steps(name, grad.device)
+                keep = steps < warm if skip is None else (steps < warm) | skip
+                grown = _grow(nu, correlations[name] if self.per_layer else prev * g, self.gamma, self.clamp)
+                nu = self._nu[name] = torch.where(keep, nu, grown)
+                prev.copy_(g if skip is None else torch.where(skip, prev, g))
+                steps.add_(1 if skip is None else (~skip).long())
+            grad.mul_(nu)
+
+    def _device_steps(self, name: str, device: torch.device) -> Tensor:
+        """The step count of ``name`` as a 0-d tensor on ``device`` (from now on counted there)."""
+        steps = self._steps[name]
+        if not isinstance(steps, Tensor):
+            steps = self._steps[name] = torch.full((), steps, dtype=torch.long, device=device)
+        return steps
 
     def _slot(self, name: str, p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
         r"""The :math:`(\nu, g_{t-1})` of a parameter: created at its first gradient, or taken from a loaded
@@ -333,7 +358,7 @@ class ExponentiatedStepSize(Callback):
             "per_layer": self.per_layer,
             "nu": {n: self._export(n, t) for n, t in self._nu.items()},
             "prev": {n: self._export(n, t) for n, t in self._prev.items()},
-            "steps": dict(self._steps),
+            "steps": {n: int(s) for n, s in self._steps.items()},  # a checkpoint may read the device
         }
 
     def _export(self, name: str, t: Tensor) -> Tensor:
@@ -391,7 +416,7 @@ def _check_clamp(clamp: Any) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
-def _all_finite(params: Sequence[Tensor]) -> bool:
-    """Whether every gradient is finite (summed over the shards under FSDP2); one synchronisation."""
+def _any_non_finite(params: Sequence[Tensor]) -> Tensor:
+    """Whether any gradient has an inf/NaN (summed over the shards under FSDP2), as a 0-d bool tensor on the device."""
     bad = torch.stack([(~torch.isfinite(local_tensor(p.grad))).sum().double() for p in params])  # type: ignore[arg-type]
-    return not bool(reduce_sharded_rows(bad.unsqueeze(1), params).sum().item())
+    return reduce_sharded_rows(bad.unsqueeze(1), params).sum() > 0

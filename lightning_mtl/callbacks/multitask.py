@@ -9,6 +9,7 @@ Rewrites the gradient of the shared parameters as a weighted combination of the 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_mtl.callbacks._host_read import DeferredRead
 from lightning_mtl.engine import GradientEngine, SharedParameters, StepSummary
 from lightning_mtl.engine._compile import DonatedBufferSwitch
 from lightning_mtl.tasks import pop_task_losses
@@ -78,9 +80,12 @@ class MultiTaskGradient(Callback):
             ``"representation"``: gradients w.r.t. the shared features ``z`` only (MGDA-UB; about the cost of a
             plain step). See :mod:`lightning_mtl.engine` for both, and for the semantics under gradient
             accumulation.
-        validate: check every step that the task losses are finite (without a GradScaler; with one, non-finite
-            values are left to the scaler, which skips the step) and that ``training_step`` returned the value of
-            ``task_losses`` unchanged. Costs one device synchronisation per step; turn off once the setup works.
+        validate: check every micro-batch that the task losses are finite (without a GradScaler; with one,
+            non-finite values are left to the scaler, which skips the step) and that ``training_step`` returned the
+            value of ``task_losses`` unchanged. The verdict is computed on the device and read without waiting for
+            it: on a GPU it is copied to pinned host memory and read once the copy has landed (usually at the next
+            micro-batch; at the latest at the end of the epoch), so a fault is reported a step or two late and no
+            step stalls the GPU. On CPU it is read at once.
         log: log per-task weights (``mtl/weight/<task>``), gradient norms (``mtl/grad_norm/<task>``; in
             representation mode the norms of dL/dz) and pairwise cosines (``mtl/cos/<a>~<b>``) at the Trainer's
             ``log_every_n_steps``.
@@ -139,8 +144,8 @@ class MultiTaskGradient(Callback):
         )
         self.validate = validate
         self.log = log
-        self._checked = False
         self._donated = DonatedBufferSwitch()
+        self._verdicts = DeferredRead()
 
     @property
     def weighting(self) -> Weighting:
@@ -188,8 +193,17 @@ class MultiTaskGradient(Callback):
         self._donated.off()  # graphs torch.compile builds in this forward can be backpropagated once per task
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._verdicts.flush()  # the loop waits here anyway: the last verdicts of the epoch
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._verdicts.flush()
+
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._donated.restore()
+        self._verdicts.clear()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -209,7 +223,8 @@ class MultiTaskGradient(Callback):
         scale: Tensor | float = scaler._scale if scaler is not None and scaler._scale is not None else 1.0
         accumulation = trainer.accumulate_grad_batches
         if self.validate:
-            self._validate(record.losses, record.total, loss, scale, accumulation, scaler is not None)
+            where = f"epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}"
+            self._validate(record.losses, record.total, loss, scale, accumulation, scaler is not None, where)
         self.engine.capture(record, pl_module, grad_scale=scale, accumulation=accumulation)
         combines = self.engine.shared_params is not None  # parameter mode with several tasks
         if combines and isinstance(trainer.strategy, ModelParallelStrategy):
@@ -228,24 +243,17 @@ class MultiTaskGradient(Callback):
         scale: Tensor | float,
         acc: int,
         amp: bool,
+        where: str,
     ) -> None:
-        values = torch.stack([v.detach().float() for v in losses.values()])
+        """Compute the verdict on the device, read it on the host when it has landed (see ``validate``)."""
+        self._verdicts.poll()  # earlier micro-batches' verdicts that have reached the host
+        values = torch.stack([v.detach().reshape(()).float() for v in losses.values()])
         expected = total.detach().float() * (scale / acc if isinstance(scale, float) else scale.float() / acc)
-        same = torch.isclose(loss.detach().float(), expected, rtol=1e-4, atol=1e-6) | ~torch.isfinite(expected)
-        finite = torch.isfinite(values)
-        flags = torch.cat([same.reshape(1), finite]).tolist()  # the one synchronisation
-        if not flags[0]:
-            raise ValueError(
-                "training_step returned a loss that is not the value of task_losses(...) "
-                f"(backward got {float(loss):.6g}, expected {float(expected):.6g}). Return task_losses(...) unchanged; "
-                "put any extra term (a regulariser, ...) into the dict as a task of its own."
-            )
-        if not amp and not all(flags[1:]):
-            bad = {n: float(v) for n, v, ok in zip(losses, values.tolist(), flags[1:], strict=True) if not ok}
-            raise FloatingPointError(
-                f"Non-finite task loss(es) {bad}. Without a GradScaler this would put NaN into the parameters. "
-                "Fix the loss (learning rate, log of 0, ...) or enable anomaly detection to find it."
-            )
+        got = loss.detach().float()
+        same = torch.isclose(got, expected, rtol=1e-4, atol=1e-6) | ~torch.isfinite(expected)
+        verdict = torch.cat([same.float().reshape(1), got.reshape(1), expected.reshape(1), values])  # fp32: MPS too
+        names = list(losses)
+        self._verdicts.put(verdict, lambda v: _raise_if_invalid(v, names, amp, where))
 
     # --- per optimiser step -----------------------------------------------------------------------------------
     @override
@@ -283,6 +291,23 @@ class MultiTaskGradient(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)
+
+
+def _raise_if_invalid(verdict: Any, names: list[str], amp: bool, where: str) -> None:
+    """Raise for a verdict of :meth:`MultiTaskGradient._validate`: ``[same, got, expected, *task losses]``."""
+    same, got, expected, values = bool(verdict[0]), float(verdict[1]), float(verdict[2]), verdict[3:]
+    if not same:
+        raise ValueError(
+            f"training_step returned a loss that is not the value of task_losses(...) ({where}: backward got "
+            f"{got:.6g}, expected {expected:.6g}). Return task_losses(...) unchanged; put any extra term "
+            "(a regulariser, ...) into the dict as a task of its own."
+        )
+    bad = {n: float(v) for n, v in zip(names, values, strict=True) if not math.isfinite(v)}
+    if bad and not amp:
+        raise FloatingPointError(
+            f"Non-finite task loss(es) {bad} ({where}). Without a GradScaler this would put NaN into the parameters. "
+            "Fix the loss (learning rate, log of 0, ...) or enable anomaly detection to find it."
+        )
 
 
 def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:

@@ -186,6 +186,7 @@ class ProjectedWeightDecay(Callback):
         self.per_tensor = per_tensor
         self.exclude_no_decay = exclude_no_decay
         self._decays: dict[int, bool] = {}
+        self._owners: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # group index per parameter, on device
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -208,6 +209,13 @@ class ProjectedWeightDecay(Callback):
             found = bool(no_decay_groups([("", p)], 0.0, trainable_only=False)[0]["params"])
             self._decays[key] = found
         return found
+
+    def _owner_index(self, owner: tuple[int, ...], device: torch.device) -> Tensor:
+        """The group of each projected parameter as a device tensor, made once per layout (not copied every step)."""
+        index = self._owners.get((owner, device))
+        if index is None:
+            index = self._owners[(owner, device)] = torch.tensor(owner, device=device)
+        return index
 
     def project(self, param_groups: Iterable[Mapping[str, Any] | Sequence[Tensor]]) -> None:
         r"""Replace each group's ``.grad`` by :math:`u` in place. ``param_groups``: ``optimizer.param_groups``, or
@@ -233,7 +241,7 @@ class ProjectedWeightDecay(Callback):
         if self.per_tensor:
             coefs = weight_decay_coefficient(rows[:, 0], rows[:, 1])
         else:
-            index = torch.tensor(owner, device=rows.device)
+            index = self._owner_index(tuple(owner), rows.device)
             sums = rows.new_zeros(owner[-1] + 1, 2).index_add_(0, index, rows)
             coefs = weight_decay_coefficient(sums[:, 0], sums[:, 1]).index_select(0, index)
         for g, t, c in zip(grads, thetas, coefs, strict=True):

@@ -8,12 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_mtl import _device
 from lightning_mtl._dtensor import local_tensor
 
 __all__ = [
     "accumulate",
     "add_combination",
     "as_tensor",
+    "combine",
     "flatten",
     "gramian",
     "gramian_from_total",
@@ -38,7 +40,7 @@ def as_tensor(x: Tensor | float, like: Tensor) -> Tensor:
     """``x`` as a detached float32 tensor on ``like``'s device."""
     if isinstance(x, Tensor):
         return x.detach().to(device=like.device, dtype=torch.float32)
-    return torch.tensor(float(x), device=like.device, dtype=torch.float32)
+    return torch.full((), float(x), device=like.device, dtype=torch.float32)  # a fill kernel, no host-to-device copy
 
 
 def flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
@@ -78,13 +80,25 @@ def accumulate(row: Tensor, grads: Sequence[Tensor | None], params: Sequence[Ten
             row[span].add_(local_tensor(g).reshape(-1))
 
 
-def gramian(rows: Tensor, block: int = 4096) -> Tensor:
-    r"""``rows @ rows.T`` in float64, summed over blocks of ``block`` columns.
+#: Columns per float64 chunk of the accelerator Gramian: K × 2^20 × 8 bytes of temporary per chunk.
+GRAM_CHUNK = 1 << 20
 
-    A K×P by P×K product with K ≪ P is a poorly shaped GEMM: one batched product of K×block tiles
-    (:math:`G = \sum_c J_c J_c^\top`) runs 2-2.5× faster on CPU here and, summing fp32 partial products of
-    ``block`` terms in float64, is also about 1000× more accurate than one fp32 dot product of P terms.
+
+def gramian(rows: Tensor, block: int = 4096) -> Tensor:
+    r"""``rows @ rows.T`` in float64, accurate whatever ``torch.backends.cuda.matmul`` allows.
+
+    On the host (CPU), summed over blocks of ``block`` columns: a K×P by P×K product with K ≪ P is a poorly shaped
+    GEMM, and one batched product of K×block tiles (:math:`G = \sum_c J_c J_c^\top`) runs 2-2.5× faster on CPU here;
+    summing fp32 partial products of ``block`` terms in float64, it is also about 1000× more accurate than one fp32 dot
+    product of P terms. CPU products are IEEE fp32 whatever ``torch.set_float32_matmul_precision`` says.
+
+    On an accelerator, fp32 products may run in TF32 (10-bit mantissas, about 1e-3 relative error) once a user calls
+    ``torch.set_float32_matmul_precision("high")``, as Lightning recommends on Ampere and newer GPUs. There the rows are
+    raised to float64 chunk by chunk (:data:`GRAM_CHUNK` columns) and multiplied in float64, which TF32 never touches:
+    the Gramian is then exact to float64 rounding of the fp32 rows, at the price of reading each chunk once more.
     """
+    if not _device.on_host(rows):
+        return _gramian_float64(rows)
     k, n = rows.shape
     m = n - n % block
     gram = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
@@ -97,6 +111,31 @@ def gramian(rows: Tensor, block: int = 4096) -> Tensor:
     return gram
 
 
+def _gramian_float64(rows: Tensor) -> Tensor:
+    """``rows @ rows.T`` with float64 products, :data:`GRAM_CHUNK` columns at a time (see :func:`gramian`)."""
+    gram = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64, device=rows.device)
+    for chunk in rows.split(GRAM_CHUNK, dim=1):
+        wide = chunk.double()
+        gram.addmm_(wide, wide.mT)
+    return gram
+
+
+def combine(weights: Tensor, rows: Tensor) -> Tensor:
+    """``weights @ rows`` for ``weights`` of shape ``[K]``: a flat row, exact in the rows' dtype.
+
+    On the host one matrix-vector product. On an accelerator one fused multiply-add per row
+    (:math:`w_0 r_0`, then ``addcmul_``): element-wise kernels are IEEE whatever TF32 allows, so with weights 1 the
+    result is the plain sum of the rows, as the loop's own backward would have made it.
+    """
+    if _device.on_host(rows):
+        return weights.to(rows.dtype) @ rows
+    w = weights.to(rows.dtype)
+    out = rows[0] * w[0]
+    for k in range(1, rows.shape[0]):
+        out.addcmul_(rows[k], w[k])
+    return out
+
+
 def gramian_from_total(raw: Tensor) -> Tensor:
     r"""The Gramian of :math:`[g_1..g_K]` from that of :math:`[g_1..g_{K-1}; T]`, where :math:`T = \sum_k g_k`.
 
@@ -106,7 +145,7 @@ def gramian_from_total(raw: Tensor) -> Tensor:
     relative error grows as :math:`\|T\|^2 / \|g_K\|^2`: the caller checks that ratio.
     """
     a = torch.eye(raw.shape[0], dtype=raw.dtype, device=raw.device)
-    a[-1, :-1] = -1
+    a[-1, :-1].fill_(-1.0)
     return a @ raw @ a.mT
 
 
@@ -132,15 +171,30 @@ def recover_last(jac: Tensor, params: Sequence[nn.Parameter]) -> None:
 
 
 def write_combination(weights: Tensor, jac: Tensor, params: Iterable[nn.Parameter]) -> None:
-    """``.grad = weights @ jac``, written into each gradient in place (no flat temporary, no host round trip).
+    """``.grad = weights @ jac``, written into each gradient in place (no host round trip); the old ``.grad``, even
+    a non-finite one, is not read.
 
-    One ``[1, K] @ [K, n]`` product per parameter, straight into its ``.grad`` (:func:`add_combination` with
-    ``beta = 0``, so the old ``.grad``, even a non-finite one, is not read): a single pass that reads the K rows
-    once. On CPU here 1.1× (K = 2) to 1.4× (K = 4) faster than ``w_0 J_0`` followed by one ``addcmul_`` per further
-    row, which reads and writes ``.grad`` K times, and faster than ``mv`` with the transposed K×n block, whose gemv
-    walks the rows with a stride.
+    On the host one ``[1, K] @ [K, n]`` product per parameter, straight into its ``.grad`` (:func:`add_combination`
+    with ``beta = 0``): a single pass that reads the K rows once. On CPU here 1.1× (K = 2) to 1.4× (K = 4) faster
+    than ``w_0 J_0`` followed by one ``addcmul_`` per further row, and faster than ``mv`` with the transposed K×n
+    block, whose gemv walks the rows with a stride.
+
+    On an accelerator a matrix product in fp32 may run in TF32, so the flat combination is formed by
+    :func:`combine` (element-wise, IEEE) and copied into every ``.grad`` by one multi-tensor copy
+    (``torch._foreach_copy_``): K + 1 kernels whatever the number of parameters, instead of one launch per parameter.
     """
-    add_combination(0.0, weights.view(1, -1), jac, params)
+    if _device.on_host(jac):
+        add_combination(0.0, weights.view(1, -1), jac, params)
+        return
+    flat = combine(weights.reshape(-1), jac)
+    grads, parts = [], []
+    for p, span in _chunks(params):
+        if p.grad is not None:  # no task reached p this step, so the optimizer skips it as it would anyway
+            local = local_tensor(p.grad)
+            grads.append(local)
+            parts.append(flat[span].view(local.shape))
+    if grads:
+        torch._foreach_copy_(grads, parts)
 
 
 def add_combination(beta: float, weights: Tensor, rows: Tensor, params: Iterable[nn.Parameter]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_mtl._dtensor import is_dtensor
@@ -90,12 +91,20 @@ def check_sharding(params: Sequence[nn.Parameter], module: nn.Module) -> None:
 
 
 def squared_norm(grads: Iterable[Tensor], like: Tensor) -> Tensor:
-    """:math:`\\sum \\|g\\|^2` over ``grads`` in float64 on ``like``'s device; a DTensor gradient counts globally
-    (DTensor reduces its partial sum over the mesh, whatever the placements)."""
+    r""":math:`\sum \|g\|^2` over ``grads``, in ``like``'s dtype on its device; a DTensor gradient counts globally
+    (DTensor reduces its partial sum over the mesh, whatever the placements).
+
+    Plain tensors: one multi-tensor norm (``torch._foreach_norm``, accumulated in fp32, so a scaled fp16 gradient
+    cannot overflow), then the squares summed in ``like``'s dtype: no per-parameter copy in float64.
+    """
+    grads = [g.detach() for g in grads]
     total = like.new_zeros((), dtype=like.dtype)
+    plain = [g for g in grads if not is_dtensor(g)]
+    if plain:
+        norms = torch._foreach_norm(plain, 2, dtype=torch.float32)
+        total = total + torch.stack([n.to(like.device) for n in norms]).to(like.dtype).square().sum()
     for g in grads:
-        part = g.detach().to(like.dtype).square().sum()
-        if is_dtensor(part):
-            part = part.full_tensor()  # type: ignore[attr-defined]
-        total = total + part.to(like.device)
+        if is_dtensor(g):
+            part = g.to(like.dtype).square().sum().full_tensor()  # type: ignore[attr-defined]
+            total = total + part.to(like.device)
     return total

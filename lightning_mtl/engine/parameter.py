@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_mtl import _device
 from lightning_mtl._dtensor import local_tensor
 from lightning_mtl.engine._common import (
     accumulate,
@@ -142,7 +143,7 @@ class ParameterCapture(CaptureStrategy):
         and on the steps after such a step until the share recovers, :math:`g_K` is recovered exactly. Elsewhere
         (GPU, half-precision rows) always exactly, with no host read.
         """
-        on_host = jac.device.type == "cpu" and jac.dtype == torch.float32
+        on_host = _device.on_host(jac) and jac.dtype == torch.float32
         if on_host and self._total_ok:
             flatten([p.grad for p in params], params, out=jac[-1])  # T: a copy, not a subtraction
             raw = self._reduce_gram(gramian(jac))

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_mtl.engine._common import gramian, scaled, world
+from lightning_mtl.engine._common import combine, gramian, scaled, world
 from lightning_mtl.engine._compile import is_compiled_node, retained_backward
 from lightning_mtl.engine.strategy import CaptureStrategy, Host
 from lightning_mtl.tasks import TaskLosses
@@ -86,7 +86,7 @@ class RepresentationCapture(CaptureStrategy):
         gram = self._gramian(flat, factor)
         w = self.host._weigh(gram)
         self._weights = w.detach()
-        combined = (w.to(flat.dtype) @ flat).view_as(z)
+        combined = combine(w, flat).view_as(z)
         z.register_hook(lambda grad: None if grad is None else combined.to(grad.dtype))
 
     def _gramian(self, flat: Tensor, factor: Tensor) -> Tensor:
