@@ -16,7 +16,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RngState", "eval_mode", "first_tensor", "map_tensors", "no_decay_groups", "warmup_schedule"]
+from lightning_mtl._dtensor import is_dtensor
+
+__all__ = [
+    "RngState",
+    "eval_mode",
+    "first_tensor",
+    "fused_ok",
+    "map_tensors",
+    "no_decay_groups",
+    "warmup_schedule",
+]
 
 
 @contextlib.contextmanager
@@ -152,3 +162,28 @@ def no_decay_groups(
         skip = p.ndim < 2 or any(s in name for s in no_decay_names) or (bool(prefixes) and name.startswith(prefixes))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def fused_ok(trainer: Any, params: Iterable[Tensor] = ()) -> bool:
+    """Whether an optimizer built with ``fused=True`` (one kernel per step) is safe for ``trainer`` and ``params``.
+
+    ``False`` when the trainer clips gradients (``gradient_clip_val`` > 0) and its precision plugin either refuses to
+    clip for an optimizer that unscales inside its step (Lightning's ``MixedPrecision``, i.e. ``"16-mixed"`` and
+    ``"bf16-mixed"``: it raises at the first step, even without a GradScaler) or holds a GradScaler (FSDP's
+    ``"16-mixed"``: a fused optimizer unscales only inside its step, so the clipping would see scaled gradients).
+    ``False`` too when a parameter is not a floating-point tensor on CPU or CUDA, or is a DTensor (FSDP2 / tensor
+    parallel). ``True`` otherwise: without clipping, with ``"32-true"``, ``"bf16-true"``, ``"16-true"`` and
+    ``"64-true"``, and when no trainer is attached yet (``None``). The models call it in ``configure_optimizers``,
+    where the trainer's clipping and precision are known::
+
+        AdamW(groups, lr=lr, fused=fused_ok(self._trainer, self.parameters()) or None)
+    """
+    if not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p in params):
+        return False
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if trainer is None or not clip or clip <= 0:
+        return True
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    return not (isinstance(plugin, MixedPrecision) or getattr(plugin, "scaler", None) is not None)

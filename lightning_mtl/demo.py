@@ -200,6 +200,9 @@ class DigitsMultiTask(L.LightningModule):
     test_step = validation_step
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The plain (not fused) Adam, at every precision: it can be clipped under ``"16-mixed"`` /
+        ``"bf16-mixed"`` (a fused one cannot: Lightning raises), and with a GradScaler it leaves unscaled gradients
+        in ``.grad`` for the probes to read before the step. The demo's MLP gains nothing from a fused kernel."""
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 

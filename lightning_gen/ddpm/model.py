@@ -28,7 +28,7 @@ from typing_extensions import override
 from lightning_gen.ddpm.data import to_unit
 from lightning_gen.ddpm.ema import ema_weights
 from lightning_gen.ddpm.schedule import make_noise_scheduler
-from lightning_mtl._utils import eval_mode, warmup_schedule
+from lightning_mtl._utils import eval_mode, fused_ok, warmup_schedule
 from lightning_mtl.tasks import task_losses
 
 __all__ = ["DDPM", "UNET_PRESETS"]
@@ -243,8 +243,17 @@ class DDPM(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
+        """AdamW on the UNet, with the warm-up and learning-rate schedule of the arguments.
+
+        Fused (one kernel per step) unless the Trainer clips gradients under ``"16-mixed"`` / ``"bf16-mixed"``
+        (Lightning's mixed-precision plugin cannot clip for an optimizer that unscales inside its step, and raises)
+        or the parameters are DTensors: then the non-fused AdamW, which clips anywhere.
+        """
         hp = self.hparams
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        fused = fused_ok(self._trainer, self.unet.parameters()) or None
+        opt = torch.optim.AdamW(
+            self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=fused
+        )
         if hp.warmup_steps == 0 and hp.lr_schedule == "constant":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1) if hp.lr_schedule == "cosine" else 0
