@@ -165,25 +165,30 @@ def no_decay_groups(
 
 
 def fused_ok(trainer: Any, params: Iterable[Tensor] = ()) -> bool:
-    """Whether an optimizer built with ``fused=True`` (one kernel per step) is safe for ``trainer`` and ``params``.
+    """Whether the models may build their optimizer with ``fused=True`` (one kernel per step) for ``trainer``.
 
-    ``False`` when the trainer clips gradients (``gradient_clip_val`` > 0) and its precision plugin either refuses to
-    clip for an optimizer that unscales inside its step (Lightning's ``MixedPrecision``, i.e. ``"16-mixed"`` and
-    ``"bf16-mixed"``: it raises at the first step, even without a GradScaler) or holds a GradScaler (FSDP's
-    ``"16-mixed"``: a fused optimizer unscales only inside its step, so the clipping would see scaled gradients).
-    ``False`` too when a parameter is not a floating-point tensor on CPU or CUDA, or is a DTensor (FSDP2 / tensor
-    parallel). ``True`` otherwise: without clipping, with ``"32-true"``, ``"bf16-true"``, ``"16-true"`` and
-    ``"64-true"``, and when no trainer is attached yet (``None``). The models call it in ``configure_optimizers``,
-    where the trainer's clipping and precision are known::
+    ``False`` when the precision plugin holds a GradScaler (``"16-mixed"``): a fused optimizer unscales only inside
+    its step, so Lightning could not clip (it raises) and every callback that reads ``.grad`` before the step (the
+    gradient probes, the clipping of FSDP) would see gradients multiplied by the loss scale. ``False`` when the
+    trainer clips gradients (``gradient_clip_val`` > 0) under Lightning's ``MixedPrecision`` plugin, also without a
+    GradScaler (``"bf16-mixed"``): it refuses to clip for such an optimizer and raises at the first step. ``False``
+    when a parameter is not a floating-point tensor on CPU or CUDA, or is a DTensor (FSDP2 / tensor parallel).
+    ``True`` otherwise: ``"32-true"``, ``"bf16-true"``, ``"16-true"``, ``"bf16-mixed"`` without clipping, and no
+    trainer attached yet (``None``). The models call it in ``configure_optimizers``, where the trainer's clipping
+    and precision are known, and build the non-fused optimizer (which works everywhere) when it says no::
 
         AdamW(groups, lr=lr, fused=fused_ok(self._trainer, self.parameters()) or None)
     """
     if not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p in params):
         return False
+    if trainer is None:
+        return True
+    plugin = getattr(trainer, "precision_plugin", None)
+    if getattr(plugin, "scaler", None) is not None:
+        return False
     clip = getattr(trainer, "gradient_clip_val", None)
-    if trainer is None or not clip or clip <= 0:
+    if not clip or clip <= 0:
         return True
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    plugin = getattr(trainer, "precision_plugin", None)
-    return not (isinstance(plugin, MixedPrecision) or getattr(plugin, "scaler", None) is not None)
+    return not isinstance(plugin, MixedPrecision)

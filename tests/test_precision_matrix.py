@@ -1,7 +1,7 @@
-"""Every model × precision × clipping trains (issue 25, part 1): each LightningModule of ``lightning_gen`` and the
-demo's, two steps at ``32-true``, ``bf16-mixed`` and ``16-mixed`` (real fp16 on CPU through a CPU GradScaler), with
-and without ``gradient_clip_val``: no crash, finite losses and parameters, the step taken, the clipping applied, and
-the optimizer that ``fused_ok`` promises (fused unless the Trainer clips under mixed precision). Then every shipped
+"""Every model × precision × clipping trains (issue 25): each LightningModule of ``lightning_gen`` and the demo's, two
+steps at ``32-true``, ``bf16-mixed`` and ``16-mixed`` (real fp16 on CPU through a CPU GradScaler), with and without
+``gradient_clip_val``: no crash, finite losses and parameters, the step taken, the clipping applied, and the optimizer
+that ``fused_ok`` promises (fused, except with a GradScaler and when clipping under bf16-mixed). Then every shipped
 config through the ``lightning-mtl`` CLI with ``--trainer.precision bf16-mixed``. The same on CUDA (marked ``cuda``)."""
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from tests.test_span_data import CONLL, make_tiny_encoder
 from tests.test_span_models import EVENT_TEXTS, RELATIONS, _event
 
 CLIP = 0.05  # small enough to bind on every model here: the clipping is seen, not only survived
-MIXED = ("bf16-mixed", "16-mixed")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -195,7 +194,7 @@ def _two_steps(name: str, precision: str, clip: float | None, f: SimpleNamespace
     for n, p in model.named_parameters():
         assert torch.isfinite(p).all(), n
     assert any(not torch.equal(p.detach().cpu(), start[n].cpu()) for n, p in model.named_parameters() if n in start)
-    expect_fused = name not in NEVER_FUSED and not (clip and precision in MIXED)
+    expect_fused = name not in NEVER_FUSED and precision != "16-mixed" and not (clip and precision == "bf16-mixed")
     assert check.fused is expect_fused
     assert check.norms, "no optimizer step was taken"  # a GradScaler that skips every step would show here
     if clip:
@@ -210,9 +209,9 @@ def test_two_steps_train(name: str, precision: str, clip: float | None, files: S
 
 
 def test_fused_ok_decision() -> None:
-    """The one rule every model's ``configure_optimizers`` asks: no fused optimizer when the Trainer clips under a
-    plugin that refuses it (Lightning's MixedPrecision) or that holds a GradScaler; none for non-CPU/CUDA or integer
-    parameters."""
+    """The one rule every model's ``configure_optimizers`` asks: no fused optimizer with a GradScaler (16-mixed, also
+    FSDP's) or when the Trainer clips under Lightning's MixedPrecision plugin (bf16-mixed); none for parameters off
+    CPU/CUDA or not floating-point."""
     cpu = [torch.zeros(2)]
     clip = {"gradient_clip_val": 1.0}
     assert fused_ok(None, cpu) and fused_ok(SimpleNamespace(estimated_stepping_batches=3), cpu)  # no trainer yet
@@ -220,9 +219,9 @@ def test_fused_ok_decision() -> None:
     assert fused_ok(L.Trainer(accelerator="cpu", precision="bf16-true", logger=False, **clip), cpu)
     assert fused_ok(L.Trainer(accelerator="cpu", logger=False, **clip), cpu)
     assert not fused_ok(L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, **clip), cpu)
-    assert not fused_ok(L.Trainer(accelerator="cpu", plugins=_plugins("16-mixed", "cpu")["plugins"], **clip), cpu)
-    scaler = SimpleNamespace(gradient_clip_val=1.0, precision_plugin=SimpleNamespace(scaler=object()))  # FSDP 16-mixed
-    assert not fused_ok(scaler, cpu)
+    for kw in ({}, clip):
+        assert not fused_ok(L.Trainer(accelerator="cpu", plugins=_plugins("16-mixed", "cpu")["plugins"], **kw), cpu)
+    assert not fused_ok(SimpleNamespace(gradient_clip_val=None, precision_plugin=SimpleNamespace(scaler=object())), cpu)
     assert not fused_ok(None, [torch.zeros(2, dtype=torch.long)])
     assert not fused_ok(None, [torch.zeros(2, device="meta")])
 
@@ -311,10 +310,12 @@ def test_shipped_config_trains_in_bf16_mixed(name: str, files: SimpleNamespace, 
 # --- CUDA ---------------------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    ("precision", "clip"), [("bf16-mixed", CLIP), ("16-mixed", CLIP), ("16-mixed", None)], ids=["bf16", "fp16", "fused"]
+    ("precision", "clip"),
+    [("bf16-mixed", CLIP), ("16-mixed", CLIP), ("16-mixed", None), ("bf16-mixed", None)],
+    ids=["bf16-clip", "fp16-clip", "fp16", "bf16-fused"],
 )
 @pytest.mark.parametrize("name", list(MODELS))
 def test_two_steps_train_on_cuda(name: str, precision: str, clip: float | None, files: SimpleNamespace) -> None:
-    """bf16-mixed with clipping, and 16-mixed with the CUDA GradScaler (with clipping: the foreach AdamW; without:
-    the fused one, which unscales inside its step)."""
+    """bf16-mixed with clipping, 16-mixed with the CUDA GradScaler (with and without clipping): the non-fused
+    optimizers; bf16-mixed without clipping: the fused AdamW on CUDA."""
     _two_steps(name, precision, clip, files, device="cuda")

@@ -207,10 +207,12 @@ class CoSENTEncoder(pl.LightningModule):
         weight decay.
 
         The AdamW is fused (one kernel instead of ~10 per tensor, the HF Trainer's default; 80 ms less per MiniLM step
-        on 2 CPU cores) unless the Trainer clips gradients under ``"16-mixed"`` / ``"bf16-mixed"`` (Lightning's
-        mixed-precision plugin cannot clip for an optimizer that unscales inside its step, and raises at the first
-        step) or the parameters are DTensors (FSDP2 / tensor parallel): then the non-fused AdamW, which clips
-        anywhere. The shipped configs clip at norm 1, so ``--trainer.precision bf16-mixed`` takes the second.
+        on 2 CPU cores) except under ``"16-mixed"`` (a fused optimizer unscales inside its step: Lightning could not
+        clip, and ``.grad`` would hold scaled gradients for the callbacks), under ``"bf16-mixed"`` with gradient
+        clipping (Lightning's mixed-precision plugin refuses to clip a fused optimizer and raises at the first step)
+        and for DTensor parameters (FSDP2 / tensor parallel): then the non-fused AdamW, which works everywhere. The
+        rule is :func:`lightning_mtl._utils.fused_ok`. The shipped configs clip at norm 1, so
+        ``--trainer.precision bf16-mixed`` takes the non-fused one.
         """
         # biases and LayerNorm weights without weight decay, as in the HF Trainer; frozen parameters left out
         groups = no_decay_groups(self, self.hparams.weight_decay, no_decay_names=("LayerNorm", "layer_norm"))

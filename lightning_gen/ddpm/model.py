@@ -245,9 +245,10 @@ class DDPM(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW on the UNet, with the warm-up and learning-rate schedule of the arguments.
 
-        Fused (one kernel per step) unless the Trainer clips gradients under ``"16-mixed"`` / ``"bf16-mixed"``
-        (Lightning's mixed-precision plugin cannot clip for an optimizer that unscales inside its step, and raises)
-        or the parameters are DTensors: then the non-fused AdamW, which clips anywhere.
+        Fused (one kernel per step) except under ``"16-mixed"`` (a fused optimizer unscales inside its step:
+        Lightning could not clip, and ``.grad`` would hold scaled gradients for the callbacks), under ``"bf16-mixed"``
+        with gradient clipping (Lightning refuses to clip a fused optimizer and raises) and for DTensor parameters:
+        then the non-fused AdamW, which works everywhere (the rule: :func:`lightning_mtl._utils.fused_ok`).
         """
         hp = self.hparams
         fused = fused_ok(self._trainer, self.unet.parameters()) or None

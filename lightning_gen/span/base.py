@@ -168,10 +168,11 @@ class PointerModule(pl.LightningModule):
         """AdamW (encoder at ``lr``, heads at ``head_lr``) with linear warm-up and decay, no weight decay on biases
         and LayerNorm weights.
 
-        Fused (one kernel per step) unless the Trainer clips gradients under ``"16-mixed"`` / ``"bf16-mixed"``
-        (Lightning's mixed-precision plugin cannot clip for an optimizer that unscales inside its step, and raises)
-        or the parameters are DTensors: then the non-fused AdamW, which clips anywhere. The shipped configs clip
-        at norm 1, so ``--trainer.precision bf16-mixed`` takes the second.
+        Fused (one kernel per step) except under ``"16-mixed"`` (a fused optimizer unscales inside its step:
+        Lightning could not clip, and ``.grad`` would hold scaled gradients for the callbacks), under ``"bf16-mixed"``
+        with gradient clipping (Lightning refuses to clip a fused optimizer and raises) and for DTensor parameters:
+        then the non-fused AdamW, which works everywhere (the rule: :func:`lightning_mtl._utils.fused_ok`).
+        The shipped configs clip at norm 1, so ``--trainer.precision bf16-mixed`` takes the non-fused one.
         """
         from lightning_mtl._utils import fused_ok
 
