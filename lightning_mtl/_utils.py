@@ -16,7 +16,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RngState", "eval_mode", "first_tensor", "map_tensors", "no_decay_groups", "warmup_schedule"]
+from lightning_mtl._dtensor import is_dtensor
+
+__all__ = [
+    "RngState",
+    "eval_mode",
+    "first_tensor",
+    "fused_ok",
+    "map_tensors",
+    "no_decay_groups",
+    "warmup_schedule",
+]
 
 
 @contextlib.contextmanager
@@ -152,3 +162,33 @@ def no_decay_groups(
         skip = p.ndim < 2 or any(s in name for s in no_decay_names) or (bool(prefixes) and name.startswith(prefixes))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def fused_ok(trainer: Any, params: Iterable[Tensor] = ()) -> bool:
+    """Whether the models may build their optimizer with ``fused=True`` (one kernel per step) for ``trainer``.
+
+    ``False`` when the precision plugin holds a GradScaler (``"16-mixed"``): a fused optimizer unscales only inside
+    its step, so Lightning could not clip (it raises) and every callback that reads ``.grad`` before the step (the
+    gradient probes, the clipping of FSDP) would see gradients multiplied by the loss scale. ``False`` when the
+    trainer clips gradients (``gradient_clip_val`` > 0) under Lightning's ``MixedPrecision`` plugin, also without a
+    GradScaler (``"bf16-mixed"``): it refuses to clip for such an optimizer and raises at the first step. ``False``
+    when a parameter is not a floating-point tensor on CPU or CUDA, or is a DTensor (FSDP2 / tensor parallel).
+    ``True`` otherwise: ``"32-true"``, ``"bf16-true"``, ``"16-true"``, ``"bf16-mixed"`` without clipping, and no
+    trainer attached yet (``None``). The models call it in ``configure_optimizers``, where the trainer's clipping
+    and precision are known, and build the non-fused optimizer (which works everywhere) when it says no::
+
+        AdamW(groups, lr=lr, fused=fused_ok(self._trainer, self.parameters()) or None)
+    """
+    if not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not is_dtensor(p) for p in params):
+        return False
+    if trainer is None:
+        return True
+    plugin = getattr(trainer, "precision_plugin", None)
+    if getattr(plugin, "scaler", None) is not None:
+        return False
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if not clip or clip <= 0:
+        return True
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return not isinstance(plugin, MixedPrecision)

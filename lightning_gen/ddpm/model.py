@@ -28,7 +28,7 @@ from typing_extensions import override
 from lightning_gen.ddpm.data import to_unit
 from lightning_gen.ddpm.ema import ema_weights
 from lightning_gen.ddpm.schedule import make_noise_scheduler
-from lightning_mtl._utils import eval_mode, warmup_schedule
+from lightning_mtl._utils import eval_mode, fused_ok, warmup_schedule
 from lightning_mtl.tasks import task_losses
 
 __all__ = ["DDPM", "UNET_PRESETS"]
@@ -243,8 +243,18 @@ class DDPM(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
+        """AdamW on the UNet, with the warm-up and learning-rate schedule of the arguments.
+
+        Fused (one kernel per step) except under ``"16-mixed"`` (a fused optimizer unscales inside its step:
+        Lightning could not clip, and ``.grad`` would hold scaled gradients for the callbacks), under ``"bf16-mixed"``
+        with gradient clipping (Lightning refuses to clip a fused optimizer and raises) and for DTensor parameters:
+        then the non-fused AdamW, which works everywhere (the rule: :func:`lightning_mtl._utils.fused_ok`).
+        """
         hp = self.hparams
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        fused = fused_ok(self._trainer, self.unet.parameters()) or None
+        opt = torch.optim.AdamW(
+            self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=fused
+        )
         if hp.warmup_steps == 0 and hp.lr_schedule == "constant":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1) if hp.lr_schedule == "cosine" else 0

@@ -20,7 +20,7 @@ from torchmetrics import Metric
 
 from lightning_gen.gau.data import ByteTokenizer, CharTokenizer, TextDataModule, make_tokenizer
 from lightning_gen.gau.layer import Attention, GAUStack, Length, Norm
-from lightning_mtl._utils import eval_mode, no_decay_groups, warmup_schedule
+from lightning_mtl._utils import eval_mode, fused_ok, no_decay_groups, warmup_schedule
 from lightning_mtl.tasks import task_losses
 
 __all__ = ["BitsPerCharacter", "GAULanguageModel", "TextDataModule", "warmup_cosine"]
@@ -201,10 +201,18 @@ class GAULanguageModel(pl.LightningModule):
 
     # --- optimisation ----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with warm-up and cosine decay; weight decay on the matrices only.
+
+        Fused (one kernel per step) except under ``"16-mixed"`` (a fused optimizer unscales inside its step:
+        Lightning could not clip, and ``.grad`` would hold scaled gradients for the callbacks), under ``"bf16-mixed"``
+        with gradient clipping (Lightning refuses to clip a fused optimizer and raises) and for DTensor parameters:
+        then the non-fused AdamW, which works everywhere (the rule: :func:`lightning_mtl._utils.fused_ok`).
+        """
         hp = self.hparams
         # decay on matrices only: not on gains, offsets or the (tied) embedding; frozen parameters stay in the groups
         groups = no_decay_groups(self, hp.weight_decay, no_decay_prefixes=("embed",), trainable_only=False)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        fused = fused_ok(self._trainer, self.parameters()) or None
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = hp.max_steps
         if total is None:
             total = self.trainer.estimated_stepping_batches if self._trainer is not None else 10_000

@@ -165,6 +165,17 @@ class PointerModule(pl.LightningModule):
 
     # --- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (encoder at ``lr``, heads at ``head_lr``) with linear warm-up and decay, no weight decay on biases
+        and LayerNorm weights.
+
+        Fused (one kernel per step) except under ``"16-mixed"`` (a fused optimizer unscales inside its step:
+        Lightning could not clip, and ``.grad`` would hold scaled gradients for the callbacks), under ``"bf16-mixed"``
+        with gradient clipping (Lightning refuses to clip a fused optimizer and raises) and for DTensor parameters:
+        then the non-fused AdamW, which works everywhere (the rule: :func:`lightning_mtl._utils.fused_ok`).
+        The shipped configs clip at norm 1, so ``--trainer.precision bf16-mixed`` takes the non-fused one.
+        """
+        from lightning_mtl._utils import fused_ok
+
         hp = self.hparams
         head_lr = hp.head_lr if hp.head_lr is not None else hp.lr
         enc = [(n, p) for n, p in self.named_parameters() if n.startswith("model.")]
@@ -174,7 +185,8 @@ class PointerModule(pl.LightningModule):
             for group in no_decay_groups(named, hp.weight_decay, no_decay_names=("LayerNorm", "layer_norm")):
                 if group["params"]:
                     groups.append({**group, "lr": lr})
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        fused = fused_ok(self._trainer, (p for group in groups for p in group["params"]))
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=fused or None)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = math.ceil(total * hp.warmup_ratio)
         factor = partial(warmup_schedule, warmup=warmup, total=total, decay="linear", from_zero=True)
