@@ -222,6 +222,15 @@ def test_bf16_mixed_trains_finite_and_close_to_fp32(mode):
 
 
 # --- the probes' CUDA random state ------------------------------------------------------------------------------
+class _TrainsOn(L.Callback):
+    """Records the device type the module trains on."""
+
+    device: str | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.device = pl_module.device.type
+
+
 @gpu
 def test_probes_leave_training_with_cuda_dropout_bitwise_unchanged(tmp_path):
     """GradientMagnitudeProbe (it re-runs training_step to measure the loss change) and ResidualProbe (an extra
@@ -235,8 +244,9 @@ def test_probes_leave_training_with_cuda_dropout_bitwise_unchanged(tmp_path):
         torch.manual_seed(1)  # seeds the CUDA generators too
         seeded = _rng_state()
         model = Net(depth=3, width=6, eps=1.0, opt="adam", lr=1e-2, dropout=0.3, norm=True)
-        probe_trainer(root, 6, callbacks, accelerator=DEVICE, deterministic="warn").fit(model, data(n=32))
-        assert next(model.parameters()).device.type == DEVICE
+        where = _TrainsOn()
+        probe_trainer(root, 6, [*callbacks, where], accelerator=DEVICE, deterministic="warn").fit(model, data(n=32))
+        assert where.device == DEVICE  # (the Trainer moves the model back to the CPU at the end of the fit)
         state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
         return state, seeded, _rng_state()
 
