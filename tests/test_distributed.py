@@ -33,13 +33,14 @@ mp.set_sharing_strategy("file_system")
 
 
 class SaveParams(L.Callback):
-    """Every rank writes its final parameters to ``out/rank{r}.pt``."""
+    """Every rank writes its final parameters to ``out/{prefix}rank{r}.pt``."""
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
+    def __init__(self, out: Path, prefix: str = "") -> None:
+        self.out, self.prefix = out, prefix
 
     def on_train_end(self, trainer, pl_module):
-        torch.save([p.detach().cpu() for p in pl_module.parameters()], self.out / f"rank{trainer.global_rank}.pt")
+        params = [p.detach().cpu() for p in pl_module.parameters()]
+        torch.save(params, self.out / f"{self.prefix}rank{trainer.global_rank}.pt")
 
 
 class InOrder(L.LightningDataModule):
@@ -127,6 +128,57 @@ def test_lightning_ddp_with_accumulation_and_resume(tmp_path):
     )
     for a, b in zip(resumed, full):
         assert torch.equal(a, b)
+
+
+DDP_CONFIGS = [f"{m}:{w}:1" for m in ("parameter", "representation") for w in ("MGDA", "GradNormalize")]
+DDP_CONFIGS.append("parameter:MGDA:2")  # accumulation
+
+
+def check_ddp_script(out: Path, accelerator: str, configs: list[str], timeout: float = 300) -> None:
+    """Run tests/scripts/ddp_fit.py (``strategy="ddp"``, 2 processes) for ``configs``; assert that it was Lightning's
+    subprocess launcher with two processes, that both ranks hold identical parameters, and that these equal (1e-6,
+    float64) one process on ``accelerator`` with the concatenated batch (the same steps, twice the batch)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = ROOT / "tests" / "scripts" / "ddp_fit.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), accelerator, *configs],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch = [(out / f"launch.rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert launch[0][:3] == ["DDPStrategy", "_SubprocessScriptLauncher", "world_size=2"], launch[0]
+    assert launch[1][2] == "world_size=2" and launch[0][3] != launch[1][3], launch  # two processes
+    ds = make_data(n=80, dtype=torch.float64)
+    for config in configs:
+        mode, name, accumulate = config.split(":")
+        r0, r1 = (torch.load(out / f"{config.replace(':', '_')}.rank{r}.pt") for r in (0, 1))
+        torch.manual_seed(0)
+        single = TwoHeads().double()
+        initial = [p.detach().clone() for p in single.parameters()]
+        callback = MultiTaskGradient(WEIGHTINGS[name](), mode=mode)
+        trainer(
+            accelerator=accelerator,
+            precision="64-true",
+            deterministic=accelerator == "cpu",
+            accumulate_grad_batches=int(accumulate),
+            callbacks=[callback],
+        ).fit(single, loader(ds, 16))
+        for a, b, c in zip(r0, r1, single.parameters(), strict=True):
+            assert torch.equal(a, b), f"{config}: ranks diverged"
+            torch.testing.assert_close(a, c.detach().cpu(), rtol=0, atol=1e-6, msg=config)
+        assert not torch.equal(r0[0], initial[0].cpu()), f"{config}: did not train"
+
+
+def test_lightning_ddp_subprocess_launcher_equals_one_process(tmp_path):
+    """``strategy="ddp"`` (Lightning's default for several devices: it re-runs the script for the other ranks), gloo
+    on CPU: MGDA and GradNormalize in both modes, and MGDA with accumulate_grad_batches=2, give identical parameters
+    on both ranks, equal to one process on the concatenated batch. Run as a script (tests/scripts/ddp_fit.py): inside
+    pytest the launcher would re-launch pytest."""
+    check_ddp_script(tmp_path, "cpu", DDP_CONFIGS)
 
 
 # --- every weighting, both modes, in one 2-process plain DDP loop --------------------------------------------------
