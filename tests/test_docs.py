@@ -112,7 +112,7 @@ def _pages(html: Path) -> dict[str, str]:
 def _visible_text(page: str) -> str:
     """The text a reader sees outside code blocks: no tags, no <script>/<style>, no <pre> blocks."""
     page = re.sub(r"<(script|style|pre)\b.*?</\1>", " ", page, flags=re.S)
-    return unescape(re.sub(r"<[^>]+>", "", page))
+    return " ".join(unescape(re.sub(r"<[^>]+>", "", page)).split())
 
 
 @pytest.mark.slow
