@@ -107,10 +107,12 @@ copybutton_prompt_is_regexp = True
 
 
 # -- Numbers that must not wrap ------------------------------------------------------------------------------------
-# "94.43 ± 0.31", "1.12-1.21×", "−0.23 → −0.50" in a narrow table column would otherwise break over several lines:
-# each such run of text becomes an inline node with the class "nowrap" (white-space: nowrap in _static/custom.css).
-_NUMBER = r"[−-]?\d[\d,.]*(?:[eE][−-]?\d+)?\s?[%×]?"
-_NOWRAP = re.compile(rf"{_NUMBER}(?:\s?(?:±|-|–|→)\s?{_NUMBER})+")
+# "94.43 ± 0.31", "1.12-1.21×", "1.4e-03", "−0.23 → −0.50" in a narrow table column would otherwise break over several
+# lines (browsers break after a hyphen): each such run of text becomes an inline node with the class "nowrap"
+# (white-space: nowrap in _static/custom.css). Plain numbers ("94.43") cannot break and are left alone.
+_NUMBER = r"[−-]?\d[\d,.]*(?:[eE][−+-]?\d+)?(?:\s?[%×])?"
+_NOWRAP = re.compile(rf"{_NUMBER}(?:\s?(?:±|-|–|→)\s?{_NUMBER})*")
+_BREAKABLE = re.compile(r"[\s±→–-]|[eE][−+-]")
 
 
 def _keep_numbers_together(app: Sphinx, doctree: nodes.document, docname: str) -> None:
@@ -121,8 +123,8 @@ def _keep_numbers_together(app: Sphinx, doctree: nodes.document, docname: str) -
         value = str(text)
         pieces, last = [], 0
         for match in _NOWRAP.finditer(value):
-            if " " not in match.group() and "±" not in match.group():
-                continue  # "1.12-1.21×" has no space to break at in most browsers' line breaking; leave it as it is
+            if not _BREAKABLE.search(match.group().strip()):
+                continue
             pieces += [
                 nodes.Text(value[last : match.start()]),
                 nodes.inline(match.group(), match.group(), classes=["nowrap"]),

@@ -211,6 +211,8 @@ def test_numbers_do_not_wrap_and_tables_scroll(html: Path):
     """ "94.43 ± 0.31" sits in one white-space: nowrap span; every table is inside furo's scrolling wrapper."""
     page = (html / "benchmarks" / "multimnist.html").read_text(encoding="utf-8")
     assert '<span class="nowrap">94.43 ± 0.31</span>' in page
+    series = (html / "benchmarks" / "series.html").read_text(encoding="utf-8")
+    assert '<span class="nowrap">1.4e-03</span>' in series  # browsers break after the hyphen of "1.4e-03"
     css = (html / "_static" / "custom.css").read_text(encoding="utf-8")
     assert re.search(r"\.nowrap\s*\{\s*white-space:\s*nowrap", css)
     for name, page in _pages(html).items():
