@@ -119,6 +119,7 @@ def _visible_text(page: str) -> str:
 def test_sphinx_build_has_no_warnings(html: Path):
     assert (html / "index.html").is_file()
     assert (html / "api" / "lightning_mtl.html").is_file()
+    assert "fit --config NAME" in (html / "cli.html").read_text(encoding="utf-8"), "smart quotes turned -- into –"
 
 
 @pytest.mark.slow
