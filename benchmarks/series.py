@@ -1,5 +1,5 @@
-"""Issue 14, "Measure": exponentiated step sizes (METHODS §11) and projected weight decay (METHODS §4) against their
-baselines, on small real tasks, within about 40 minutes of a shared 2-core CPU.
+"""Exponentiated step sizes (https://kexue.fm/archives/8968) and projected weight decay (https://kexue.fm/archives/8907)
+against their baselines, on small real tasks, within about 40 minutes of a shared 2-core CPU.
 
 Parts (``--part``, any of them, run in the order given):
 

@@ -1,4 +1,4 @@
-"""The n×m cross-entropy and EXACT against softmax cross-entropy (project issue 14, "Measure"; METHODS.md §7-8).
+"""The n×m cross-entropy and EXACT against softmax cross-entropy (https://kexue.fm/archives/9158, https://kexue.fm/archives/9098).
 
 Three parts, chosen with ``--part`` (any of ``nxm exact-mnist exact-toy``); each appends one JSON line per run to
 ``runs/series_losses_<part>.jsonl`` (git-ignored) and rewrites its table in ``benchmarks/series_losses.md`` between
@@ -25,8 +25,8 @@ padding: the CPU is slow); ``--bucket 0`` is the plain shuffle of the usual reci
 accuracy of the argmax of μ after each epoch. Losses: ``ce``; ``exact`` (:func:`lightning_mtl.losses.exact_loss`,
 form ``prob``, μ = the 10 logits, σ a learned scalar parameter, σ = softplus(ρ) + 1e-3 starting at 1, as
 tinkoff-ai/exact's ``examples/toy.py`` learns one σ); ``exact-log`` (form ``log``, -log of the batch mean of p,
-scalar σ); ``exact-out`` (σ(x) = softplus of an 11th output + 1e-3, a scalar network sharing the trunk, METHODS.md
-§7's "σ a scalar network"); ``exact-out64`` (the same, the loss computed in float64). A run whose loss stops being
+scalar σ); ``exact-out`` (σ(x) = softplus of an 11th output + 1e-3, a scalar network sharing the trunk, the
+article's "σ a scalar network"); ``exact-out64`` (the same, the loss computed in float64). A run whose loss stops being
 finite (or whose σ(x) is NaN) is stopped and recorded as such.
 
 **exact-toy** -- the paper's toy problem as the article quotes it: points x = -0.25, 0, 0.25 with labels -1, -1, +1,

@@ -1,6 +1,6 @@
 r"""Increment explosion, seen through the probes: a deep stack with and without residual scaling.
 
-Su (https://kexue.fm/archives/8994, METHODS §12) and DeepNet (Wang et al., arXiv:2203.00555; Su's reading
+Su (https://kexue.fm/archives/8994) and DeepNet (Wang et al., https://arxiv.org/abs/2203.00555; Su's reading
 https://kexue.fm/archives/8978) argue that the change of the model in one optimizer step grows with depth unless the
 residual branches are scaled down. This script trains the same deep stack of FFN blocks
 :math:`F(x) = W_2\,\mathrm{ReLU}(W_1 x)` on scikit-learn's digits (8×8 images, 10 classes; ships with scikit-learn)

@@ -1,4 +1,4 @@
-r"""Span-scoring heads: GlobalPointer and Efficient GlobalPointer (Su, https://kexue.fm/archives/8877, METHODS.md §9;
+r"""Span-scoring heads: GlobalPointer and Efficient GlobalPointer (Su, https://kexue.fm/archives/8877;
 GlobalPointer itself is introduced in https://kexue.fm/archives/8373), plus the rotary position embedding they use.
 
 A head maps token states ``(B, n, D)`` to one score per span type α and token pair ``(i, j)``:
@@ -162,7 +162,7 @@ class _SpanPointer(nn.Module):
 
 
 class GlobalPointer(_SpanPointer):
-    r"""GlobalPointer span scores (https://kexue.fm/archives/8877 "original GP", METHODS.md §9; from
+    r"""GlobalPointer span scores (https://kexue.fm/archives/8877 "original GP"; from
     https://kexue.fm/archives/8373):
 
     .. math::
@@ -229,7 +229,7 @@ class GlobalPointer(_SpanPointer):
 
 
 class EfficientGlobalPointer(_SpanPointer):
-    r"""Efficient GlobalPointer span scores (https://kexue.fm/archives/8877; METHODS.md §9): a shared q, k
+    r"""Efficient GlobalPointer span scores (https://kexue.fm/archives/8877): a shared q, k
     projection for span extraction plus a cheap per-type classification term,
 
     .. math::

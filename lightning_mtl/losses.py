@@ -1,7 +1,7 @@
 r"""Generic losses as small pure-torch functions (no Lightning here).
 
 Multi-label "softmax + cross-entropy" (Su, https://kexue.fm/archives/7359; used as the GlobalPointer / GPLinker
-loss in https://kexue.fm/archives/8877 and https://kexue.fm/archives/8888, METHODS.md §8-§10):
+loss in https://kexue.fm/archives/8877 and https://kexue.fm/archives/8888):
 
 - :func:`multilabel_crossentropy`, the dense form: scores and a 0/1 target per class;
 - :func:`sparse_multilabel_crossentropy`, the sparse form: scores and the indices of the positive classes only
@@ -10,7 +10,7 @@ loss in https://kexue.fm/archives/8877 and https://kexue.fm/archives/8888, METHO
 Both compute in float32 (float64 stays float64) with log-sum-exp and ``-inf`` masking, so that bf16/fp16 scores
 and ``torch.autocast`` are safe; the last axis holds the classes and every leading axis indexes rows.
 
-The rest of the series (METHODS.md §7-§8), with the same conventions:
+The rest of the series, with the same conventions:
 
 - :func:`nxm_crossentropy` and :func:`nxm_crossentropy_soft`, attempts 1 and 2 at an "n × m" multi-label
   cross-entropy (https://kexue.fm/archives/9158; the article calls both unsuccessful, attempt 1 being the one
@@ -88,7 +88,7 @@ def multilabel_crossentropy(
 
         \ell = \log\Big(1 + \sum_{j\in\Omega_{neg}} e^{s_j}\Big) + \log\Big(1 + \sum_{i\in\Omega_{pos}} e^{-s_i}\Big)
 
-    (METHODS.md §8, https://kexue.fm/archives/9158; the GlobalPointer loss of https://kexue.fm/archives/8877 and
+    (https://kexue.fm/archives/9158; the GlobalPointer loss of https://kexue.fm/archives/8877 and
     https://kexue.fm/archives/8888). The 1 is a zero logit: a class is predicted positive iff its score is > 0.
     For one class (m = 2 in the terms of archives/9158) it is binary cross-entropy with logits:
     :math:`\log(1+e^{-s})` for a positive, :math:`\log(1+e^{s})` for a negative.
@@ -154,7 +154,7 @@ def sparse_multilabel_crossentropy(
     scores: Tensor, positive_index: Tensor, mask_zero: bool = True, reduction: str = "mean"
 ) -> Tensor:
     r"""Sparse multi-label categorical cross-entropy: the loss of :func:`multilabel_crossentropy` from the indices of
-    the positive classes only (GPLinker, https://kexue.fm/archives/8888, METHODS.md §10).
+    the positive classes only (GPLinker, https://kexue.fm/archives/8888).
 
     With :math:`P` the positive classes of a row and :math:`\mathcal A` all its classes (:math:`\mathcal A=P\cup N`),
 
@@ -242,7 +242,7 @@ def sparse_multilabel_crossentropy(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# "n × m" classification: the two attempts of https://kexue.fm/archives/9158 (METHODS.md §8)
+# "n × m" classification: the two attempts of https://kexue.fm/archives/9158
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -319,7 +319,7 @@ def _sum_of_class_terms(x: Tensor) -> Tensor:
 
 
 def nxm_crossentropy(scores: Tensor, targets: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
-    r"""The "n × m" multi-label cross-entropy, attempt 1 of https://kexue.fm/archives/9158 (METHODS.md §8).
+    r"""The "n × m" multi-label cross-entropy, attempt 1 of https://kexue.fm/archives/9158.
 
     ``n`` sub-problems (positions, samples) of one row each pick one of ``m`` classes; instead of averaging ``n``
     softmax cross-entropies, the row's loss puts the sum over the positions inside a log, one log per class, as the
@@ -337,7 +337,7 @@ def nxm_crossentropy(scores: Tensor, targets: Tensor, mask: Tensor | None = None
     balances the classes (each contributes about the log of its number of errors, not their count).
 
     At ``m = 2`` it is :func:`multilabel_crossentropy` with the positions as the classes, scores
-    :math:`s_{i,1}-s_{i,0}` and positive classes the positions labelled 1 (METHODS.md §8: "both reduce to
+    :math:`s_{i,1}-s_{i,0}` and positive classes the positions labelled 1 (the article: "both reduce to
     multi-label CE at m = 2").
 
     **Verdict of the article** (the title calls the generalisation "unsuccessful"): this form is fine for hard
@@ -376,7 +376,7 @@ def nxm_crossentropy(scores: Tensor, targets: Tensor, mask: Tensor | None = None
 def nxm_crossentropy_soft(
     scores: Tensor, targets: Tensor, mask: Tensor | None = None, reduction: str = "mean"
 ) -> Tensor:
-    r"""The "n × m" multi-label cross-entropy, attempt 2 of https://kexue.fm/archives/9158 (METHODS.md §8): the
+    r"""The "n × m" multi-label cross-entropy, attempt 2 of https://kexue.fm/archives/9158: the
     form built so that soft labels have a known optimum.
 
     Starting from :math:`\ell=\sum_j\log(1+\sum_i t_{i,j}e^{-f(s_{i,j})})` and asking that
@@ -425,7 +425,7 @@ def nxm_crossentropy_soft(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# EXACT: the expected accuracy of a classifier with Gaussian noise (https://kexue.fm/archives/9098, METHODS.md §7)
+# EXACT: the expected accuracy of a classifier with Gaussian noise (https://kexue.fm/archives/9098)
 # --------------------------------------------------------------------------------------------------------------------
 
 #: Default number of Gauss–Hermite nodes of :func:`exact_probability` / :func:`exact_loss`.
@@ -520,8 +520,8 @@ def _exact_log_probability(m: Tensor, sig: Tensor, target: Tensor, num_nodes: in
 def exact_probability(
     mu: Tensor, sigma: Tensor | float, target: Tensor, num_nodes: int = EXACT_NUM_NODES, log: bool = False
 ) -> Tensor:
-    r"""EXACT's probability that the noisy classifier is right (https://kexue.fm/archives/9098, arXiv 2205.09615,
-    METHODS.md §7), differentiable in ``mu`` and ``sigma``.
+    r"""EXACT's probability that the noisy classifier is right (https://kexue.fm/archives/9098,
+    `arXiv:2205.09615 <https://arxiv.org/abs/2205.09615>`__), differentiable in ``mu`` and ``sigma``.
 
     .. math::
 
@@ -536,7 +536,7 @@ def exact_probability(
 
         p = \int_{-\infty}^{\infty}\varphi(u)\prod_{i\ne y}\Phi(d_i+u)\,du .
 
-    **Estimator.** METHODS.md §7 does not describe the paper's; its reference code (tinkoff-ai/exact,
+    **Estimator.** The article does not describe the paper's; its reference code (tinkoff-ai/exact,
     ``EXACTLoss(sample_size=16)``) estimates the same orthant probability, of
     :math:`\mathcal N(d, I+\mathbf 1\mathbf 1^\top)`, with Genz's Monte-Carlo algorithm, 16 samples by default.
     Here the integral above is computed by Gauss–Hermite quadrature with ``num_nodes`` nodes (32 by default),
@@ -581,7 +581,8 @@ def exact_loss(
     num_nodes: int = EXACT_NUM_NODES,
     reduction: str = "mean",
 ) -> Tensor:
-    r"""The EXACT loss (https://kexue.fm/archives/9098 on arXiv 2205.09615, METHODS.md §7): minus the expected
+    r"""The EXACT loss (https://kexue.fm/archives/9098 on
+    `arXiv:2205.09615 <https://arxiv.org/abs/2205.09615>`__): minus the expected
     accuracy of the classifier with Gaussian noise, :math:`-\mathbb E_{(x,y)}[p(y\mid x)]` (``form="prob"``), or
     the paper's other form :math:`-\log\mathbb E_{(x,y)}[p(y\mid x)]` (``form="log"``), with :math:`p` from
     :func:`exact_probability` (its docstring states the estimator, Gauss–Hermite quadrature, and its error).
@@ -593,7 +594,7 @@ def exact_loss(
     whose mean is :math:`\mathbb E[-\log p]`, a different loss (cross-entropy-like); ``"sum"`` is rejected, as a
     sum of probabilities has no log form in the paper.
 
-    **Verdict of the article** (METHODS.md §7): Su's reimplementation on NLP tasks fell clearly short of softmax +
+    **Verdict of the article**: Su's reimplementation on NLP tasks fell clearly short of softmax +
     cross-entropy, and the :math:`-\log\mathbb E[p]` form was even worse (no numbers given). Near convergence
     :math:`\mathbb E[-\log p]\approx 1-\mathbb E[p]`, so cross-entropy also optimises the smoothed accuracy, and
     does it better since :math:`-\log p\to\infty` on misclassified samples while :math:`1-p\le 1`. The paper's toy

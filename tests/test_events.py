@@ -52,7 +52,7 @@ def reference_recursion(argus: list[int], links: set[tuple[int, int]]) -> list[l
 # --- hand-built graphs ----------------------------------------------------------------------------------------------
 def test_two_events_of_one_type_sharing_trigger_and_place() -> None:
     """A DuEE-style sentence with one trigger for two attacks in the same place: the arguments of each event are
-    pairwise linked, nothing links attacker 1 or target 1 with attacker 2 or target 2 (METHODS.md §10 gives no
+    pairwise linked, nothing links attacker 1 or target 1 with attacker 2 or target 2 (kexue.fm/archives/8926 gives no
     worked example graph; this is the situation the article motivates the clique search with)."""
     event1 = {("trigger", "attack"), ("attacker", "A"), ("target", "X"), ("place", "P")}
     event2 = {("trigger", "attack"), ("attacker", "B"), ("target", "Y"), ("place", "P")}

@@ -29,7 +29,7 @@ def rotation(x: torch.Tensor, pos: int, base: float = 10000.0) -> torch.Tensor:
     return out
 
 
-# --- parameter counts (METHODS.md §9) -------------------------------------------------------------------------------
+# --- parameter counts (kexue.fm/archives/8877) ---------------------------------------------------------------------
 @pytest.mark.parametrize(("hidden", "types", "d"), [(768, 100, 64), (32, 3, 8), (10, 1, 4)])
 def test_parameter_counts_follow_the_article(hidden: int, types: int, d: int) -> None:
     # GP: 2·D·d per type (+ 2d biases per type)

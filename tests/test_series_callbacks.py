@@ -1,4 +1,4 @@
-"""ExponentiatedStepSize (METHODS §11) and ProjectedWeightDecay (METHODS §4): the pure functions against the formulas,
+"""ExponentiatedStepSize (kexue.fm/8968) and ProjectedWeightDecay (/8907): the pure functions against the formulas,
 the callbacks against hand-written loops, and their behaviour under DDP, FSDP2, AMP, accumulation and resume."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The rest of the series' generic losses (lightning_mtl.losses): the "n × m" multi-label cross-entropy, attempts 1
-and 2 of https://kexue.fm/archives/9158 (METHODS.md §8), and EXACT's expected accuracy, https://kexue.fm/archives/9098
-(METHODS.md §7), each against a definition written independently here (python floats, scipy integration)."""
+and 2 of https://kexue.fm/archives/9158, and EXACT's expected accuracy, https://kexue.fm/archives/9098,
+each against a definition written independently here (python floats, scipy integration)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ scipy_integrate = pytest.importorskip("scipy.integrate")
 
 # --- brute-force definitions (python floats) ------------------------------------------------------------------------
 def nxm_brute(s: list[list[float]], t: list[list[float]], valid: list[bool], attempt: int) -> float:
-    """METHODS.md §8 as written: Σ_j log(1 + Σ_i Σ_{k≠j} t_ij e^{-s_ij + s_ik}) (attempt 1) or
+    """The article (kexue.fm/archives/9158) as written: Σ_j log(1 + Σ_i Σ_{k≠j} t_ij e^{-s_ij + s_ik}) (attempt 1) or
     Σ_j log(1 + Σ_i t_ij e^{-s_ij + mean_k s_ik}) (attempt 2), over the valid positions i."""
     n, m = len(s), len(s[0])
     loss = 0.0
@@ -134,7 +134,7 @@ def test_nxm_reductions() -> None:
 @settings(max_examples=40, deadline=None)
 @given(lead=st.integers(1, 4), n=st.integers(1, 8), seed=st.integers(0, 2**31 - 1), use_mask=st.booleans())
 def test_m2_reduces_to_multilabel_crossentropy(lead, n, seed, use_mask) -> None:
-    """METHODS.md §8: "both reduce to multi-label CE at m = 2". The n positions become the classes of one
+    """kexue.fm/archives/9158: "both reduce to multi-label CE at m = 2". The n positions become the classes of one
     multi-label row; a position labelled 1 is a positive class. Attempt 1: scores s_i1 - s_i0 (exactly the
     multi-label CE); attempt 2: -s_i1 + mean_j s_ij = -(s_i1 - s_i0)/2, so scores (s_i1 - s_i0)/2."""
     g = torch.Generator().manual_seed(seed)

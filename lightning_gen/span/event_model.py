@@ -1,4 +1,4 @@
-r"""EventExtractor: GPLinker joint event extraction (Su, https://kexue.fm/archives/8926; METHODS.md §10).
+r"""EventExtractor: GPLinker joint event extraction (Su, https://kexue.fm/archives/8926).
 
 * Arguments: every ``(event type, role)`` is one span class of an Efficient GlobalPointer (a nested-NER head), the
   trigger being one more role (``"trigger"``).

@@ -1,12 +1,12 @@
 r"""GPLinker event decoding: split the argument graph into events by clique search (Su, "GPLinker: 基于
-GlobalPointer的事件联合抽取", https://kexue.fm/archives/8926; METHODS.md §10).
+GlobalPointer的事件联合抽取", https://kexue.fm/archives/8926).
 
 GPLinker predicts the arguments of each event type (every (event type, role) is one GlobalPointer class, the
 trigger being one more role) and, with two 1-head GlobalPointers (head–head and tail–tail, upper triangle), an
 undirected edge between two arguments iff both pair scores are > 0: "these two arguments occur in one event".
 An event is then a complete sub-graph (clique) of the argument graph of one event type.
 
-The search, as the article states it (METHODS.md §10):
+The search, as the article states it:
 
 1. if every pair of nodes of the graph is adjacent, the graph is one event: return its node set;
 2. otherwise, for each non-adjacent pair ``(u, v)``, take the neighbourhood of ``u`` (``u`` with its neighbours, in

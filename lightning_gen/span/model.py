@@ -1,5 +1,5 @@
 r"""SpanExtractor: entity extraction (flat or nested) with a GlobalPointer or Efficient GlobalPointer head on any
-Hugging Face encoder (Su, https://kexue.fm/archives/8877 and https://kexue.fm/archives/8373; METHODS.md §9).
+Hugging Face encoder (Su, https://kexue.fm/archives/8877 and https://kexue.fm/archives/8373).
 
 Every span ``[i, j]`` of sub-word tokens gets one score per type; a span is an entity of type α iff
 :math:`s_\alpha(i, j) > 0`. Training: the multi-label cross-entropy over the flattened ``n × n`` pairs of each

@@ -1,5 +1,4 @@
-r"""RelationExtractor: GPLinker joint entity and relation extraction (Su, https://kexue.fm/archives/8888;
-METHODS.md §10).
+r"""RelationExtractor: GPLinker joint entity and relation extraction (Su, https://kexue.fm/archives/8888).
 
 A triple is a quintuple :math:`(s_h, s_t, p, o_h, o_t)` (subject head and tail token, relation, object head and
 tail) scored as :math:`S(s_h,s_t) + S(o_h,o_t) + S(s_h,o_h|p) + S(s_t,o_t|p)` by three span pointers on one

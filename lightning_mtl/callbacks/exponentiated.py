@@ -3,7 +3,7 @@ Exponentiated step-size callback
 ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
 
 Per-coordinate (or per-tensor) learning-rate multipliers learned by exponentiated gradient (Su,
-https://kexue.fm/archives/8968, METHODS §11). The math is in :func:`exponentiated_multiplier_update`;
+https://kexue.fm/archives/8968). The math is in :func:`exponentiated_multiplier_update`;
 :class:`ExponentiatedStepSize` keeps the state and rescales ``.grad`` in ``on_before_optimizer_step``.
 """
 
@@ -44,7 +44,7 @@ def exponentiated_multiplier_update(
     clamp: tuple[float, float] | None = None,
 ) -> Tensor:
     r"""One exponentiated-gradient step of the learning-rate multipliers:
-    :math:`\nu_{t+1} = \nu_t \odot \exp(\gamma\, g_{t-1} \odot g_t)` (METHODS §11,
+    :math:`\nu_{t+1} = \nu_t \odot \exp(\gamma\, g_{t-1} \odot g_t)` (Su,
     https://kexue.fm/archives/8968), with ``g_prev`` :math:`= g_{t-1}` and ``g`` :math:`= g_t`.
 
     With ``per_layer`` ``nu`` is one number for the whole tensor and the update uses the inner product:
@@ -63,7 +63,7 @@ def _state_dtype(p: Tensor) -> torch.dtype:
 
 class ExponentiatedStepSize(Callback):
     r"""Per-coordinate learning-rate multipliers :math:`\nu` learned by exponentiated gradient (Su,
-    https://kexue.fm/archives/8968, METHODS §11), applied to the gradient so that it composes with any optimizer.
+    https://kexue.fm/archives/8968), applied to the gradient so that it composes with any optimizer.
 
     The article's rule, for the gradient :math:`g_t` of optimizer step :math:`t = 0, 1, \dots`:
 
@@ -118,9 +118,9 @@ class ExponentiatedStepSize(Callback):
     A new fit without a checkpoint starts again from :math:`\nu = 1`. The memory cost is two extra copies of the
     parameters (one with ``per_layer``).
 
-    **Not implemented:** the full algorithm of the paper the article discusses (arXiv 2202.00145: per-coordinate
-    gains and a global scale on a "funnelled" momentum SGD) could not be checked from the paper's text (METHODS §11
-    marks it unchecked), so only the article's simplified rule is provided.
+    **Not implemented:** the full algorithm of the paper the article discusses (`arXiv:2202.00145 <https://arxiv.org/abs/2202.00145>`__:
+    per-coordinate gains and a global scale on a "funnelled" momentum SGD); only the article's simplified rule is
+    provided.
 
     Outside Lightning (Fabric, a plain loop) call :meth:`apply` after the backward and before
     ``optimizer.step()``.

@@ -57,7 +57,7 @@ class GradientMagnitudeProbe(_Probe):
     * ``update_ratio/<layer>`` :math:`\|\Delta\theta_l\|_2/\|\theta_l\|_2` and ``update_ratio/total``, with
       :math:`\Delta\theta` the step the optimizer actually took (a snapshot of the parameters is taken in
       ``on_before_optimizer_step`` of probe steps only and compared in ``on_train_batch_end``);
-    * the loss change of the step (Su, https://kexue.fm/archives/8994, METHODS §12):
+    * the loss change of the step (Su, https://kexue.fm/archives/8994):
       ``loss_change/observed`` :math:`\mathcal L(\theta_{t+1}; B_t) - \mathcal L(\theta_t; B_t)` on the *same*
       batch :math:`B_t`, ``loss_change/linear`` :math:`\langle g,\Delta\theta\rangle` (its exact first-order
       term), and ``loss_change/predicted``: the article's estimate :math:`-\eta\|g\|_2^2` for SGD or

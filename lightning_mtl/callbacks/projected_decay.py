@@ -2,7 +2,7 @@ r"""
 Projected weight decay callback
 ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
 
-L2 regularisation as an auxiliary task (Su, https://kexue.fm/archives/8907, METHODS §4): the gradient of each
+L2 regularisation as an auxiliary task (Su, https://kexue.fm/archives/8907): the gradient of each
 optimizer parameter group is projected so that the step never increases the group's weight norm (to first order),
 with no coefficient to tune. The math is in :func:`project_weight_decay` and :func:`weight_decay_coefficient`;
 :class:`ProjectedWeightDecay` applies it to ``.grad`` in ``on_before_optimizer_step``.
@@ -113,7 +113,7 @@ def check_strategy(strategy: Strategy, callback: str) -> None:
 
 class ProjectedWeightDecay(Callback):
     r"""L2 regularisation as an auxiliary task, with no coefficient: project the gradient so that a step never
-    increases the weight norm (Su, https://kexue.fm/archives/8907, METHODS §4).
+    increases the weight norm (Su, https://kexue.fm/archives/8907).
 
     In ``on_before_optimizer_step``, for each optimizer parameter group with :math:`g` and :math:`\theta` the
     group's concatenated gradient and weights (or each tensor alone, with ``per_tensor=True``), the callback replaces
@@ -127,7 +127,7 @@ class ProjectedWeightDecay(Callback):
     loss, with gradient :math:`g_0 = g`; the auxiliary task is :math:`\mathcal L_1 = \tfrac12\|\theta\|^2`, with
     gradient :math:`g_1 = \theta`. To first order the step changes :math:`\mathcal L_1` by
     :math:`\langle\theta, -\eta u\rangle = -\eta\langle u,\theta\rangle`, so "the auxiliary task must not increase"
-    is the constraint :math:`\langle u, g_1\rangle = \langle u,\theta\rangle \ge 0` of METHODS §4, and the update
+    is the constraint :math:`\langle u, g_1\rangle = \langle u,\theta\rangle \ge 0` of the article, and the update
     closest to the main gradient, :math:`\max_u \langle u,g_0\rangle - \tfrac12\|u\|^2` under that constraint, is
     its closed form for one auxiliary task:
     :math:`u = g_0 + \mathrm{relu}(-\langle g_0,g_1\rangle)/\|g_1\|^2\; g_1`, the formula above. (The article

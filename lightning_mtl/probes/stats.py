@@ -1,5 +1,5 @@
 r"""Per-parameter statistics of one optimiser step, their reduction over shards and layers, and the first-order
-loss change (Su, https://kexue.fm/archives/8994, METHODS §12).
+loss change (Su, https://kexue.fm/archives/8994).
 
 * per-layer gradient norm :math:`\|g_l\|_2` and the total :math:`\|g\|_2`;
 * update-to-weight ratio :math:`\|\Delta\theta_l\|_2 / \|\theta_l\|_2` of the step actually taken;
@@ -131,7 +131,7 @@ def first_order_predictions(rows: Tensor, lr: Tensor) -> dict[str, Tensor]:
 
     Returns ``linear`` = :math:`\langle g,\Delta\theta\rangle` (the exact linearisation for the step actually
     taken, any optimiser), ``sgd`` = :math:`-\sum_p \eta_p \|g_p\|_2^2` and ``adam`` = :math:`-\sum_p \eta_p
-    \|g_p\|_1` (METHODS §12, https://kexue.fm/archives/8994).
+    \|g_p\|_1` (Su, https://kexue.fm/archives/8994).
     """
     lr = lr.to(rows)
     return {
