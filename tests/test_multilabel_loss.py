@@ -380,3 +380,47 @@ def test_unflattened_pair_scores_are_refused_with_the_fix() -> None:
     # the escape hatch the message gives for a real (..., n, C) with n == C
     rows_ = multilabel_crossentropy(scores.flatten(0, -2), targets.flatten(0, -2), reduction="none")
     assert rows_.view(scores.shape[:-1]).shape == (2, 3, 5)
+
+
+def test_sparse_gradients_equal_dense_gradients_and_pass_gradcheck() -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.randn(2, 3, 9, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    index = torch.tensor([[[1, 4, 4], [0, 0, 0], [8, 2, 0]], [[3, 0, 0], [5, 6, 7], [1, 1, 1]]])
+    targets = torch.zeros(2, 3, 9, dtype=torch.bool).scatter_(-1, index, True)
+    targets[..., 0] = False
+    (sparse_grad,) = torch.autograd.grad(sparse_multilabel_crossentropy(scores, index), scores)
+    (dense_grad,) = torch.autograd.grad(multilabel_crossentropy(scores, targets, torch.arange(9) > 0), scores)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda s: sparse_multilabel_crossentropy(s, index, reduction="none"), (scores,))
+    lifted = (scores.detach() + 40 * targets).requires_grad_()  # positives far above: gradients still exact
+    (sparse_grad,) = torch.autograd.grad(sparse_multilabel_crossentropy(lifted.float(), index), lifted)
+    (dense_grad,) = torch.autograd.grad(multilabel_crossentropy(lifted, targets, torch.arange(9) > 0), lifted)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_autocast_equals_dense_without_a_host_sync() -> None:
+    """On the GPU, under bf16 autocast: the sparse loss equals the float64 dense one for margins up to 60, and neither
+    loss synchronises the host with the device (``set_sync_debug_mode("error")`` raises on a sync)."""
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(4, 9, 30 * 30, generator=g) * 3
+    index = torch.randint(1, 900, (4, 9, 12), generator=g)
+    index[..., 8:] = 0  # padding
+    targets = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+    targets[..., 0] = False
+    scores = (scores + torch.linspace(0, 60, 9).view(1, 9, 1) * targets).bfloat16()
+    mask = torch.arange(900) > 0
+    want = multilabel_crossentropy(scores.double(), targets, mask, reduction="none")
+    s, i, t, m = (x.cuda() for x in (scores, index, targets, mask))
+    s.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            sparse = sparse_multilabel_crossentropy(s, i, reduction="none")
+            dense = multilabel_crossentropy(s, t, m, reduction="none")
+        (sparse.sum() + dense.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(sparse.double().cpu(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dense.double().cpu(), want, rtol=1e-5, atol=0)
