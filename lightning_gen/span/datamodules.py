@@ -44,6 +44,7 @@ from lightning_gen.span.data import (
     read_relations,
     shorten,
 )
+from lightning_mtl._imports import needs_extra
 
 __all__ = ["EventDataModule", "RelationDataModule", "SpanDataModule"]
 
@@ -101,7 +102,8 @@ class _Base(pl.LightningDataModule):
                 "tokenizer= (a path, a hub name or a fast tokenizer)."
             )
         if isinstance(tok, (str, os.PathLike)):
-            from transformers import AutoTokenizer
+            with needs_extra(f"{type(self).__name__}(tokenizer={str(tok)!r})"):
+                from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(tok))
         self._tok = tok
