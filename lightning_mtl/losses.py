@@ -280,10 +280,8 @@ def sparse_multilabel_crossentropy(
     index = positive_index.long()
     k = index.shape[-1]
     # a padded slot, or an index that repeats an earlier slot of its row, is not a positive of its own
-    repeated = (index.unsqueeze(-1) == index.unsqueeze(-2)) & torch.ones(k, k, dtype=torch.bool, device=s.device).tril(
-        -1
-    )
-    dropped = repeated.any(-1)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=s.device).tril(-1)  # slot j < slot i
+    dropped = ((index.unsqueeze(-1) == index.unsqueeze(-2)) & earlier).any(-1)
     if mask_zero:
         dropped = dropped | (index == 0)
     pos_part = _logsumexp_with_zero(s.gather(-1, index).neg().masked_fill(dropped, _NEG_INF))
