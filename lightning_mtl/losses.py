@@ -41,8 +41,9 @@ __all__: list[str] = [
     "sparse_multilabel_crossentropy",
 ]
 
-#: ``K.epsilon()`` of Keras, the floor of ``1 - e^(b - a)`` in bert4keras' sparse loss (https://kexue.fm/archives/8888).
-SPARSE_EPSILON = 1e-7
+#: ``-inf`` as a Python float: ``masked_fill``/``where`` take it as a scalar, with no tensor built (or copied to the
+#: device) per call.
+_NEG_INF = float("-inf")
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -60,6 +61,22 @@ def _check_scores(scores: Tensor, fn: str) -> None:
         raise ValueError(f"{fn}: scores must have a class axis (the last one), got a 0-d tensor.")
 
 
+def _pair_scores_error(scores: Tensor, fn: str, advice: str) -> ValueError:
+    """The error for GlobalPointer scores ``(B, T, n, n)`` not flattened to ``(B, T, n²)`` (``advice`` may name
+    ``{flat}``, the flattened shape)."""
+    n = scores.shape[-1]
+    return ValueError(
+        f"{fn}: expected scores of shape (..., C) with the classes on the last axis, got {tuple(scores.shape)}: the "
+        "shape of unflattened GlobalPointer span scores (batch, types, n, n), whose classes are the n·n token pairs "
+        "of each (batch, type). " + advice.format(flat=(*scores.shape[:-2], n * n))
+    )
+
+
+def _is_pair_scores(scores: Tensor) -> bool:
+    """``(..., n, n)`` with 4 or more axes: what a GlobalPointer head returns, ``(B, T, n, n)``."""
+    return scores.ndim >= 4 and scores.shape[-1] == scores.shape[-2]
+
+
 def _compute_dtype(scores: Tensor) -> Tensor:
     """float16/bfloat16 scores go to float32; float32 and float64 stay as they are."""
     return scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
@@ -72,8 +89,18 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 
 def _logsumexp_with_zero(x: Tensor) -> Tensor:
-    """log(1 + Σ_k e^{x_k}) over the last axis: log-sum-exp with a 0 logit appended (``-inf`` entries drop out)."""
-    return torch.logsumexp(torch.cat([x, x.new_zeros((*x.shape[:-1], 1))], dim=-1), dim=-1)
+    r"""log(1 + Σ_k e^{x_k}) over the last axis: log-sum-exp with a 0 logit appended (``-inf`` entries drop out).
+
+    As :math:`M + \operatorname{log1p}(\operatorname{expm1}(-M) + \sum_k e^{x_k - M})` with
+    :math:`M = \max(0, \max_k x_k)` (a constant: the value does not depend on it): accurate to the last digits
+    relative to the result also when it is tiny (:math:`M = 0`, ``log1p`` of a small sum; ``log`` of ``1 + sum``
+    would keep only its absolute error, 1e-7 in float32), and finite, with zero gradients, for a row of ``-inf``.
+    """
+    if x.shape[-1] == 0:
+        return x.new_zeros(x.shape[:-1])
+    top = x.detach().amax(dim=-1, keepdim=True).clamp_min(0.0)
+    total = torch.exp(x - top).sum(dim=-1) + torch.expm1(-top.squeeze(-1))
+    return top.squeeze(-1) + torch.log1p(total)
 
 
 def multilabel_crossentropy(
@@ -98,7 +125,9 @@ def multilabel_crossentropy(
     any valid class gives exactly 0 and zero gradients.
 
     Args:
-        scores: logits ``(..., C)``, any real values (no sigmoid/softmax in front).
+        scores: logits ``(..., C)``, any real values (no sigmoid/softmax in front). A GlobalPointer head's
+            ``(B, T, n, n)`` goes in as ``scores.flatten(-2)``, rows ``(B, T)`` of ``n²`` pair classes; scores of
+            4 or more axes whose last two are equal are refused as unflattened pair scores.
         targets: ``(..., C)``, the same shape as ``scores``; a bool tensor, or 0/1 numbers (a class is positive
             where ``targets > 0.5``).
         mask: optional bool (or 0/1) tensor broadcastable to ``scores`` that marks the valid classes; a class where
@@ -109,8 +138,9 @@ def multilabel_crossentropy(
         The loss in float32 (float64 for float64 scores).
 
     Raises:
-        ValueError: ``scores`` not floating point or 0-d, ``targets`` of another shape, ``mask`` not broadcastable
-            to ``scores``, or an unknown ``reduction``.
+        ValueError: ``scores`` not floating point, 0-d, or ``(..., n, n)`` with 4 or more axes (unflattened
+            GlobalPointer scores), ``targets`` of another shape, ``mask`` not broadcastable to ``scores``, or an
+            unknown ``reduction``.
 
     Example::
 
@@ -121,6 +151,14 @@ def multilabel_crossentropy(
     """
     _check_reduction(reduction)
     _check_scores(scores, "multilabel_crossentropy")
+    if _is_pair_scores(scores):  # read as B·T·n rows of n classes, it would be another loss, and no error
+        raise _pair_scores_error(
+            scores,
+            "multilabel_crossentropy",
+            "Pass scores.flatten(-2) and targets.flatten(-2), shape {flat}. If the last axis really is the class "
+            "axis, merge the leading axes first: scores.flatten(0, -2) and targets.flatten(0, -2), reduction='none', "
+            "then .view(scores.shape[:-1]).",
+        )
     if not isinstance(targets, Tensor) or targets.shape != scores.shape:
         got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
         raise ValueError(
@@ -144,19 +182,20 @@ def multilabel_crossentropy(
         positive = positive & valid
         negative = negative & valid
     s = _compute_dtype(scores)
-    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
-    neg_part = _logsumexp_with_zero(torch.where(negative, s, neg_inf))
-    pos_part = _logsumexp_with_zero(torch.where(positive, -s, neg_inf))
+    neg_part = _logsumexp_with_zero(s.masked_fill(~negative, _NEG_INF))
+    pos_part = _logsumexp_with_zero(s.neg().masked_fill(~positive, _NEG_INF))
     return _reduce(neg_part + pos_part, reduction)
 
 
 def sparse_multilabel_crossentropy(
     scores: Tensor, positive_index: Tensor, mask_zero: bool = True, reduction: str = "mean"
 ) -> Tensor:
-    r"""Sparse multi-label categorical cross-entropy: the loss of :func:`multilabel_crossentropy` from the indices of
-    the positive classes only (GPLinker, https://kexue.fm/archives/8888).
+    r"""Sparse multi-label categorical cross-entropy: the loss of :func:`multilabel_crossentropy`
+    (https://kexue.fm/archives/7359) from the indices of the positive classes only (its sparse version in GPLinker,
+    https://kexue.fm/archives/8888).
 
     With :math:`P` the positive classes of a row and :math:`\mathcal A` all its classes (:math:`\mathcal A=P\cup N`),
+    the article writes the loss as
 
     .. math::
 
@@ -164,30 +203,34 @@ def sparse_multilabel_crossentropy(
         a = \log\Big(1 + \sum_{i\in\mathcal A} e^{s_i}\Big),\quad b = \log\sum_{i\in P} e^{s_i},
 
     since :math:`a + \log(1-e^{b-a}) = \log(e^a - e^b) = \log(1+\sum_{N}e^{s_j})`, the negative part of the dense
-    loss, without ever building the negatives. As in the article's code (bert4keras
-    ``sparse_multilabel_categorical_crossentropy``), :math:`1-e^{b-a}` is clipped to ``[1e-7, 1]`` (Keras'
-    ``K.epsilon()``, :data:`SPARSE_EPSILON`) before the log; it is evaluated as ``-expm1(b - a)``, the same
-    quantity with less rounding. So when the positives hold almost all the mass (:math:`e^a-e^b` below
-    ``1e-7·e^a``) the negative part is floored at :math:`a+\log 10^{-7}` rather than exact; as :math:`a` is at
-    least the largest positive score, a positive scored more than about 16 (:math:`-\log 10^{-7}`) above
-    :math:`\log(1+\sum_N e^{s})` then gets a loss and a gradient pushing it back down, which the dense loss
-    does not do (the reference behaves the same; the two agree below that margin).
+    loss. That form is not used here: it cancels. When a positive scores :math:`m` above
+    :math:`\log(1+\sum_N e^{s})`, :math:`1-e^{b-a}\approx e^{-m}` is the difference of two nearly equal numbers,
+    and :math:`b-a` has lost it to rounding long before (in float32, :math:`a` carries about 7 digits): on a row of
+    48 negatives at −2 (dense negative part 2.0144) the article's form gives 2.0016 at :math:`m = 10`, 2.0974 at
+    :math:`m = 12` and −0.1037 at :math:`m = 14` in float32, and past :math:`m\approx 16` its clip of
+    :math:`1-e^{b-a}` to ``1e-7`` (bert4keras ``sparse_multilabel_categorical_crossentropy``, Keras'
+    ``K.epsilon()``) makes it grow with :math:`m` in any dtype, with a gradient pushing the positive back down
+    (``benchmarks/sparse_loss_error.py``, ``benchmarks/sparse_loss.md``). Instead the positive indices are
+    scattered into a bool mask of the row and the negative part is the log-sum-exp over its complement, as in the
+    dense form: as accurate as the dense form (relative 1e-7 in float32, also under bf16 autocast) for any margin,
+    at the cost of one bool and one score-sized temporary per call, the dense form's cost; what the sparse form
+    saves is the dense ``n²`` target tensors in the data pipeline.
 
     With ``mask_zero=True`` index 0 is padding, as in the article: a row's positive list is padded with 0 to a
     common length, and class 0 takes part in nothing (neither positive nor negative, so ``scores[..., 0]`` is
     ignored; with GlobalPointer scores flattened to ``n·n`` pairs, class 0 is the pair ``([CLS], [CLS])``).
-    Equal to the dense loss with ``mask`` False at class 0 (``mask_zero=True``) or without mask (``False``),
-    provided a row's positive indices are distinct: a repeated index is counted twice (not checked, to avoid a
-    device sync).
+    Equal to the dense loss with ``mask`` False at class 0 (``mask_zero=True``) or without mask (``False``), for
+    every margin and mask pattern; a repeated index counts once, as one target does in the dense form.
 
     Computed in float32 (float64 stays float64) with ``-inf`` masking, so bf16/fp16 and ``torch.autocast`` are safe;
-    a row with no positive gives :math:`a` and finite gradients.
+    a row with no positive gives :math:`a` and finite gradients. No host-device synchronisation.
 
     Args:
         scores: logits ``(..., C)``.
         positive_index: integer tensor ``(..., K)`` with the leading shape of ``scores``: the positive classes of
             each row, each in ``[0, C)`` (out-of-range indices raise in ``torch.gather``); padded with 0 when
-            ``mask_zero``.
+            ``mask_zero``. For GlobalPointer scores ``(B, T, n, n)``, the pair ``(i, j)`` is class ``i·n + j`` of
+            ``scores.flatten(-2)``.
         mask_zero: treat index 0 as padding (and class 0 as unused).
         reduction: ``"none"`` (shape ``scores.shape[:-1]``), ``"sum"`` or ``"mean"`` over all rows.
 
@@ -196,7 +239,8 @@ def sparse_multilabel_crossentropy(
 
     Raises:
         ValueError: ``scores`` not floating point or 0-d, ``positive_index`` not an integer tensor with the leading
-            shape of ``scores``, or an unknown ``reduction``.
+            shape of ``scores`` (with a message of its own for unflattened GlobalPointer scores ``(B, T, n, n)``
+            and an index ``(B, T, K)``), or an unknown ``reduction``.
 
     Example::
 
@@ -218,6 +262,14 @@ def sparse_multilabel_crossentropy(
             "sparse_multilabel_crossentropy: positive_index is a bool tensor; it must hold class indices "
             "(for a bool target per class use multilabel_crossentropy)."
         )
+    unflattened = positive_index.ndim == scores.ndim - 1 and positive_index.shape[:-1] == scores.shape[:-2]
+    if unflattened and _is_pair_scores(scores):
+        raise _pair_scores_error(
+            scores,
+            "sparse_multilabel_crossentropy",
+            f"Pass scores.flatten(-2), shape {{flat}}, whose class i·n + j is the pair (i, j), with positive_index of "
+            f"shape {tuple(positive_index.shape)} listing those class numbers.",
+        )
     if positive_index.ndim != scores.ndim or positive_index.shape[:-1] != scores.shape[:-1]:
         raise ValueError(
             f"sparse_multilabel_crossentropy: positive_index of shape {tuple(positive_index.shape)} must be "
@@ -226,18 +278,18 @@ def sparse_multilabel_crossentropy(
         )
     s = _compute_dtype(scores)
     index = positive_index.long()
-    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
-    gathered = s.gather(-1, index)  # (..., K)
+    k = index.shape[-1]
+    # a padded slot, or an index that repeats an earlier slot of its row, is not a positive of its own
+    earlier = torch.ones(k, k, dtype=torch.bool, device=s.device).tril(-1)  # slot j < slot i
+    dropped = ((index.unsqueeze(-1) == index.unsqueeze(-2)) & earlier).any(-1)
     if mask_zero:
-        padded = index == 0
-        every = torch.cat([torch.full_like(s[..., :1], float("-inf")), s[..., 1:]], dim=-1)
-    else:
-        padded = torch.zeros_like(index, dtype=torch.bool)
-        every = s
-    pos_part = _logsumexp_with_zero(torch.where(padded, neg_inf, -gathered))
-    a = _logsumexp_with_zero(every)
-    b = torch.logsumexp(torch.where(padded, neg_inf, gathered), dim=-1)  # -inf for a row without positives
-    neg_part = a + torch.log(torch.clamp(-torch.expm1(b - a), SPARSE_EPSILON, 1.0))
+        dropped = dropped | (index == 0)
+    pos_part = _logsumexp_with_zero(s.gather(-1, index).neg().masked_fill(dropped, _NEG_INF))
+    # the negatives: every class but the positives (and class 0 with mask_zero), no cancellation
+    excluded = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, index, True)
+    if mask_zero:
+        excluded[..., 0] = True
+    neg_part = _logsumexp_with_zero(s.masked_fill(excluded, _NEG_INF))
     return _reduce(pos_part + neg_part, reduction)
 
 
@@ -255,8 +307,7 @@ def _logsumexp_others(s: Tensor) -> Tensor:
     """
     top = s.argmax(dim=-1, keepdim=True)
     is_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
-    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
-    rest = torch.logsumexp(torch.where(is_top, neg_inf, s), dim=-1, keepdim=True)  # the top class's others
+    rest = torch.logsumexp(s.masked_fill(is_top, _NEG_INF), dim=-1, keepdim=True)  # the top class's others
     shift = s.gather(-1, top).detach()  # the result does not depend on the shift: no gradient through it
     e = torch.exp(s - shift)
     total = e.sum(dim=-1, keepdim=True)
@@ -285,7 +336,6 @@ def _nxm_log_weights(scores: Tensor, targets: Tensor, mask: Tensor | None, fn: s
             f"got {got}."
         )
     s = _compute_dtype(scores)
-    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
     valid = None
     if mask is not None:
         mask = torch.as_tensor(mask, device=scores.device)
@@ -307,9 +357,9 @@ def _nxm_log_weights(scores: Tensor, targets: Tensor, mask: Tensor | None, fn: s
     else:
         t = targets.to(s.dtype)
         positive = t > 0
-        log_t = torch.where(positive, torch.log(torch.where(positive, t, torch.ones_like(t))), neg_inf)
+        log_t = torch.log(torch.where(positive, t, torch.ones_like(t))).masked_fill(~positive, _NEG_INF)
     if valid is not None:
-        log_t = torch.where(valid.unsqueeze(-1), log_t, neg_inf)
+        log_t = log_t.masked_fill(~valid.unsqueeze(-1), _NEG_INF)
     return s, log_t
 
 

@@ -177,7 +177,7 @@ def test_casrel_reader_json_lines_names_lines_and_rel2id_shapes(tmp_path: Path) 
     array.write_text(json.dumps([{"text": "a", "triple_list": []}, ["not", "a", "record"]]))
     report = DataReport()
     assert read_casrel(array, report=report) == [("a", [])]
-    assert report.messages == [f"{array}: record 1: not an object with a string 'text'"]
+    assert report.messages == [f"{array}: record 2: not an object with a string 'text'"]  # 1-based, as lines are
     star, plain = tmp_path / "rel2id_star.json", tmp_path / "rel2id.json"
     star.write_text(json.dumps([{"1": "sold", "0": "born"}, {"born": 0, "sold": 1}]))
     plain.write_text(json.dumps([{"sold": 1, "born": 0}]))

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_gen.cosent.loss import NLI_LABELS
+from lightning_mtl._imports import needs_extra
 
 __all__ = [
     "DataFormatError",
@@ -199,7 +200,8 @@ def read_hf_pairs(spec: str, *, name: str | None = None) -> SentencePairs:
     if not sep or not dataset_name or not split:
         raise ValueError(f"Hugging Face dataset spec {spec!r} must look like 'hf:NAME[@CONFIG]:SPLIT'.")
     dataset_name, _, config = dataset_name.partition("@")
-    import datasets
+    with needs_extra(f"reading the Hugging Face dataset {spec!r}"):
+        import datasets
 
     ds = datasets.load_dataset(dataset_name, config or None, split=split)
     cols = {c.lower(): c for c in ds.column_names}

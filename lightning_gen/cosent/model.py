@@ -37,6 +37,7 @@ from torch import Tensor
 from torchmetrics.regression import SpearmanCorrCoef
 
 from lightning_gen.cosent.loss import cosent_loss, pairwise_cosine
+from lightning_mtl._imports import needs_extra
 from lightning_mtl._utils import eval_mode, fused_ok, no_decay_groups, warmup_schedule
 from lightning_mtl.tasks import task_losses
 
@@ -106,7 +107,8 @@ class CoSENTEncoder(pl.LightningModule):
                 f"max_length={max_length}."
             )
         self.save_hyperparameters()
-        from transformers import AutoModel, AutoTokenizer
+        with needs_extra(type(self).__name__):
+            from transformers import AutoModel, AutoTokenizer
 
         path = model_name_or_path or default_model_path()
         # from_pretrained returns the model in eval mode; a LightningModule starts in train mode (dropout on, as in

@@ -9,13 +9,13 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_gen.ddpm.ema import find_weight_averaging
+from lightning_mtl.callbacks._base import InstanceCallback
 
 __all__ = ["SampleGrid", "make_grid", "save_png"]
 
@@ -50,7 +50,7 @@ def save_png(grid: Tensor, path: str | Path, scale: int = 1) -> Path:
     return path
 
 
-class SampleGrid(Callback):
+class SampleGrid(InstanceCallback, example_args="every_n_epochs=5, steps=50"):
     r"""Every ``every_n_epochs`` epochs, on global rank 0 only, sample a fixed-seed grid and write it as a PNG.
 
     The same seed every time, so the grids of successive epochs show the same :math:`x_T` denoised by a better model.

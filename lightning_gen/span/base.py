@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_mtl._imports import needs_extra
 from lightning_mtl._utils import no_decay_groups, warmup_schedule
 from lightning_mtl.heads import EfficientGlobalPointer, GlobalPointer
 from lightning_mtl.losses import multilabel_crossentropy, sparse_multilabel_crossentropy
@@ -144,7 +145,8 @@ class PointerModule(pl.LightningModule):
     _HEAD_PREFIXES: ClassVar[tuple[str, ...]] = ()
 
     def _init_encoder(self, model_name_or_path: str | None) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        with needs_extra(type(self).__name__):
+            from transformers import AutoModel, AutoTokenizer
 
         from lightning_gen.span.align import check_fast
 

@@ -16,8 +16,14 @@ Formats (see ``shared/data/SOURCES.md`` §10-13 for the concrete files):
 
 Bad input is never fatal on its own: a malformed line drops its sentence, a malformed JSON record or triple drops
 itself, an ``I-`` tag without its ``B-`` starts a span (the conlleval reading); each is counted in a
-:class:`DataReport` with its ``file:line`` (or ``file: record N``). Only a file with nothing usable left raises
-:class:`SpanFormatError`.
+:class:`DataReport`. Only a file with nothing usable left, or a file of the wrong format (JSON given to
+:func:`read_iob`, token columns given to :func:`read_casrel`/:func:`read_duee`), raises :class:`SpanFormatError`.
+
+**Where**: every message, of the readers and of the data modules, starts with the place in the file, 1-based:
+``file:LINE`` for line-based files (CoNLL, LitBank, JSON lines; for a span, the line of its first word) and
+``file: record N`` for a JSON array, followed by what is wrong and the text, words or triple at fault (texts cut
+to 80 characters). ``limit=N`` reads the first N usable sentences or records only, and the counts are of what was
+read.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +71,11 @@ PROBLEMS = frozenset(
         "arguments lost to max_length",
     }
 )
+
+
+def shorten(text: str, width: int = 80) -> str:
+    """``repr`` of ``text``, cut to ``width`` characters with ``...`` (for the messages of a report)."""
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
 
 
 class SpanFormatError(ValueError):
@@ -118,16 +130,27 @@ class DataReport:
 
 @dataclass
 class Sentence:
-    """A pre-split sentence with its gold spans ``(start, end_exclusive, type)`` in words."""
+    """A pre-split sentence with its gold spans ``(start, end_exclusive, type)`` in words.
+
+    ``path`` and ``line`` say where :func:`read_iob` found it (the file and the 1-based line of its first word, so
+    word ``k`` is on line ``line + k``); empty and 0 for a sentence made by hand. They take no part in ``==``.
+    """
 
     words: list[str]
     spans: set[tuple[int, int, str]] = field(default_factory=set)
+    path: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
+
+    def where(self, word: int = 0, fallback: str = "data") -> str:
+        """``file:LINE`` of word ``word`` (``fallback`` for a sentence not read from a file)."""
+        return f"{self.path}:{self.line + word}" if self.path else fallback
 
 
-def _iob_spans(tags: list[str]) -> tuple[set[tuple[int, int, str]], int]:
-    """Spans of one IOB2 column and the number of ``I-`` tags read as ``B-`` (no ``B-``/``I-`` of that type before)."""
+def _iob_spans(tags: list[str]) -> tuple[set[tuple[int, int, str]], list[int]]:
+    """Spans of one IOB2 column and the positions of the ``I-`` tags read as ``B-`` (no ``B-``/``I-`` of that type
+    before)."""
     spans: set[tuple[int, int, str]] = set()
-    repairs = 0
+    repairs: list[int] = []
     start, kind = None, None
     for i, tag in enumerate([*tags, "O"]):
         prefix, _, label = tag.partition("-")
@@ -137,16 +160,48 @@ def _iob_spans(tags: list[str]) -> tuple[set[tuple[int, int, str]], int]:
             spans.add((start, i, kind))  # type: ignore[arg-type]
             start, kind = None, None
         if prefix in ("B", "I"):
-            repairs += prefix == "I"
+            if prefix == "I":
+                repairs.append(i)
             start, kind = i, label
     return spans, repairs
 
 
+def _json_kind(line: str) -> str | None:
+    """``"JSON lines"`` or ``"a JSON array"`` if a file's first non-blank line looks like JSON, else ``None``."""
+    s = line.strip()
+    if s[:1] not in ("{", "["):
+        return None
+    try:
+        value = json.loads(s)
+    except json.JSONDecodeError:  # the start of a JSON value spread over lines, or a token column "[" / "{"
+        if s in ("[", "{") or s.startswith(("[{", '["', '{"', "[[")):
+            return "a JSON array" if s[0] == "[" else "JSON"
+        return None
+    if isinstance(value, dict):
+        return "JSON lines"
+    return "a JSON array" if isinstance(value, list) else None
+
+
+def _refuse_json(path: Path, lineno: int, line: str) -> None:
+    kind = _json_kind(line)
+    if kind is not None:
+        raise SpanFormatError(
+            f"{path}:{lineno}: this looks like {kind}, not a CoNLL or LitBank file (one token per line, then its "
+            f"IOB2 tag column(s)): {shorten(line)}. read_iob and SpanDataModule read only those; relation triples in "
+            "CasRel JSON go to read_casrel / RelationDataModule, events in DuEE JSON to read_duee / EventDataModule."
+        )
+
+
 def detect_iob_format(path: str | os.PathLike[str]) -> Literal["conll", "litbank"]:
-    """``"litbank"`` if the first token line of the file is tab separated, else ``"conll"``."""
+    """``"litbank"`` if the first token line of the file is tab separated, else ``"conll"``.
+
+    Raises:
+        SpanFormatError: the file has no token line, or looks like JSON.
+    """
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, start=1):
             if line.strip() and not line.startswith("-DOCSTART-"):
+                _refuse_json(Path(path), lineno, line)
                 return "litbank" if "\t" in line else "conll"
     raise SpanFormatError(f"{path}: the file has no token lines.")
 
@@ -157,15 +212,19 @@ def read_iob(
     *,
     report: DataReport | None = None,
     split: str = "data",
+    limit: int | None = None,
 ) -> list[Sentence]:
     """Read a CoNLL (tag in the last column) or LitBank (one IOB2 layer per column) file into :class:`Sentence` s.
 
-    A line with another number of columns than the file's first token line, or a tag that is not ``O``/``B-X``/
-    ``I-X``, drops its sentence (counted in ``report`` with ``file:line``); an ``I-X`` without ``B-X`` starts a span.
+    A line with another number of columns than the file's first token line, a line without a tag column, or a tag
+    that is not ``O``/``B-X``/``I-X``, drops its sentence (counted in ``report`` with ``file:LINE`` and the line);
+    an ``I-X`` without ``B-X`` starts a span (counted, with ``file:LINE``). ``limit``: stop after that many
+    sentences (the report counts what was read).
 
     Raises:
         FileNotFoundError: no such file.
-        SpanFormatError: no sentence left.
+        SpanFormatError: no sentence left, no line with a tag column, or the file looks like JSON (named as such,
+            with the reader to use instead).
     """
     path = Path(path)
     if not path.is_file():
@@ -174,11 +233,15 @@ def read_iob(
     fmt = detect_iob_format(path) if format == "auto" else format
     if fmt not in ("conll", "litbank"):
         raise ValueError(f"read_iob(format=...) must be 'auto', 'conll' or 'litbank', got {format!r}.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"read_iob: limit must be a positive number of sentences or None, got {limit!r}.")
     sentences: list[Sentence] = []
     width: int | None = None
     words: list[str] = []
     columns: list[list[str]] = []
     bad: str | None = None
+    first_line = 0
+    seen_token_line = False
 
     def flush() -> None:
         nonlocal words, columns, bad
@@ -189,9 +252,15 @@ def read_iob(
             for layer in columns:
                 found, repairs = _iob_spans(layer)
                 spans |= found
-                if repairs:
-                    report.add(split, "I- tags without B- (read as B-)", repairs)
-            sentences.append(Sentence(words, spans))
+                for k in repairs:
+                    label = layer[k][2:]
+                    report.add(
+                        split,
+                        "I- tags without B- (read as B-)",
+                        message=f"{path}:{first_line + k}: {layer[k]!r} without B-{label} before it, read as "
+                        f"B-{label} (word {words[k]!r})",
+                    )
+            sentences.append(Sentence(words, spans, path=str(path), line=first_line))
         words, columns, bad = [], [], None
 
     with path.open(encoding="utf-8") as f:
@@ -199,14 +268,27 @@ def read_iob(
             line = raw.rstrip("\n").rstrip("\r")
             if not line.strip() or line.startswith("-DOCSTART-"):
                 flush()
+                if limit is not None and len(sentences) >= limit:
+                    break
                 continue
+            if not seen_token_line:
+                _refuse_json(path, lineno, line)
+                seen_token_line = True
+            if not words:
+                first_line = lineno
             fields = line.split("\t") if fmt == "litbank" else line.split()
+            where = f"{path}:{lineno}"
+            if len(fields) < 2:
+                bad = bad or f"{where}: a token line needs the token and its tag column(s), got 1 column: {line!r}"
+                words.append(fields[0] if fields else "")
+                continue
             if width is None:
                 width = len(fields)
-            where = f"{path}:{lineno}"
-            if len(fields) != width or len(fields) < 2:
-                bad = bad or f"{where}: expected {width} columns, got {len(fields)}: {line!r}"
-                words.append(fields[0] if fields else "")
+            if len(fields) != width:
+                bad = bad or (
+                    f"{where}: expected {width} columns (as the file's first token line), got {len(fields)}: {line!r}"
+                )
+                words.append(fields[0])
                 continue
             tags = fields[1:] if fmt == "litbank" else [fields[-1]]
             wrong = [t for t in tags if not _TAG.match(t)]
@@ -218,74 +300,123 @@ def read_iob(
                 layer.append(tag)
             words.append(fields[0])
         flush()
+    sentences = sentences[:limit]
     report.add(split, "sentences", len(sentences))
     report.add(split, "spans", sum(len(s.spans) for s in sentences))
+    if not sentences and width is None:
+        raise SpanFormatError(
+            f"{path}: no line has a token and a tag column: not a CoNLL or LitBank file (one token per line, then its "
+            "IOB2 tag column(s))."
+        )
     if not sentences:
         raise SpanFormatError(f"{path}: no usable sentence in the file ({report.summary()}).")
     return sentences
 
 
-def _load_json_records(path: Path, report: DataReport, split: str) -> list[tuple[str, Any]]:
-    """``(where, record)`` pairs from a JSON array or a JSON-lines file; bad lines are counted, not fatal."""
+def _json_records(path: Path, report: DataReport, split: str, reader: str) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` pairs from a JSON array (``file: record N``) or a JSON-lines file (``file:LINE``), both
+    1-based; bad lines are counted, not fatal. A file of token columns (CoNLL, LitBank) is refused as such."""
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise SpanFormatError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}).") from None
-        return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
-    out = []
+        for i, record in enumerate(data, start=1):
+            yield f"{path}: record {i}", record
+        return
+    first = True
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            out.append((f"{path}:{lineno}", json.loads(line)))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
-            report.add(split, "malformed records (dropped)", message=f"{path}:{lineno}: not valid JSON ({err.msg})")
-    return out
+            if first and not line.lstrip().startswith(("{", "[")) and len(line.split()) >= 2:
+                raise SpanFormatError(
+                    f"{path}:{lineno}: this looks like a file of token columns (CoNLL, LitBank), not JSON: "
+                    f"{shorten(line)}. {reader} reads a JSON array or JSON lines; entity data in CoNLL or LitBank "
+                    "columns goes to read_iob / SpanDataModule."
+                ) from None
+            report.add(
+                split,
+                "malformed records (dropped)",
+                message=f"{path}:{lineno}: not valid JSON ({err.msg}): {shorten(line)}",
+            )
+            first = False
+            continue
+        first = False
+        yield f"{path}:{lineno}", record
 
 
-def read_casrel(
-    path: str | os.PathLike[str], *, report: DataReport | None = None, split: str = "data"
-) -> list[tuple[str, list[tuple[str, str, str]]]]:
-    """Read CasRel relation data: ``(text, triples)`` per record, triples deduplicated (in order).
+def _check_limit(fn: str, limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{fn}: limit must be a positive number of records or None, got {limit!r}.")
 
-    A record that is not an object with a string ``"text"`` and a list ``"triple_list"`` is dropped; a triple that
-    is not three strings is dropped; both are counted with ``file: record N`` (or ``file:line`` for JSON lines).
 
-    Raises:
-        FileNotFoundError: no such file.
-        SpanFormatError: invalid JSON array, or no record left.
-    """
+def read_casrel_records(
+    path: str | os.PathLike[str], *, report: DataReport | None = None, split: str = "data", limit: int | None = None
+) -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """:func:`read_casrel` with the place of each record: ``(where, text, triples)``, ``where`` being ``file:LINE``
+    (JSON lines) or ``file: record N`` (JSON array), 1-based."""
+    _check_limit("read_casrel", limit)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"relation data file {str(path)!r} does not exist.")
     report = report if report is not None else DataReport()
     out = []
-    for where, record in _load_json_records(path, report, split):
+    for where, record in _json_records(path, report, split, "read_casrel"):
+        if limit is not None and len(out) >= limit:
+            break
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             report.add(split, "malformed records (dropped)", message=f"{where}: not an object with a string 'text'")
             continue
         triples = record.get("triple_list", record.get("triples"))
         if not isinstance(triples, list):
-            report.add(split, "malformed records (dropped)", message=f"{where}: 'triple_list' is not a list")
+            report.add(
+                split,
+                "malformed records (dropped)",
+                message=f"{where}: 'triple_list' is not a list (text {shorten(record['text'])})",
+            )
             continue
         kept: list[tuple[str, str, str]] = []
         for t in triples:
             if not (isinstance(t, (list, tuple)) and len(t) == 3 and all(isinstance(x, str) and x for x in t)):
-                report.add(split, "malformed triples (dropped)", message=f"{where}: triple {t!r} is not 3 strings")
+                report.add(
+                    split,
+                    "malformed triples (dropped)",
+                    message=f"{where}: triple {t!r} is not 3 non-empty strings (text {shorten(record['text'])})",
+                )
                 continue
             triple = (t[0], t[1], t[2])
             if triple in kept:
                 report.add(split, "duplicate triples (removed)")
                 continue
             kept.append(triple)
-        out.append((record["text"], kept))
+        out.append((where, record["text"], kept))
     report.add(split, "texts", len(out))
-    report.add(split, "triples", sum(len(t) for _, t in out))
+    report.add(split, "triples", sum(len(t) for _, _, t in out))
     if not out:
         raise SpanFormatError(f"{path}: no usable record in the file.")
     return out
+
+
+def read_casrel(
+    path: str | os.PathLike[str], *, report: DataReport | None = None, split: str = "data", limit: int | None = None
+) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Read CasRel relation data: ``(text, triples)`` per record, triples deduplicated (in order).
+
+    A record that is not an object with a string ``"text"`` and a list ``"triple_list"`` is dropped; a triple that
+    is not three strings is dropped; both are counted with ``file: record N`` (JSON array) or ``file:LINE`` (JSON
+    lines), 1-based, and the triple and text at fault. ``limit``: stop after that many usable records (the report
+    counts what was read). ``read_casrel_records`` gives the place of each record too.
+
+    Raises:
+        FileNotFoundError: no such file.
+        SpanFormatError: invalid JSON array, a file of token columns (CoNLL, LitBank: named as such), or no record
+            left.
+    """
+    return [(text, triples) for _, text, triples in read_casrel_records(path, report=report, split=split, limit=limit)]
 
 
 def read_relations(path: str | os.PathLike[str]) -> list[str]:
@@ -317,18 +448,20 @@ def read_relations(path: str | os.PathLike[str]) -> list[str]:
 TRIGGER = "trigger"
 
 
-def read_duee(
-    path: str | os.PathLike[str], *, report: DataReport | None = None, split: str = "data"
-) -> list[tuple[str, list[tuple[str, list[tuple[str, str, int]]]]]]:
-    """Read DuEE-style event data: ``(text, events)`` per record, each event ``(event_type, [(role, argument,
-    char_start), ...])`` with the trigger as role ``"trigger"``. Malformed records/events are dropped and counted;
-    an argument whose string is not at its offset is dropped and counted."""
+def read_duee_records(
+    path: str | os.PathLike[str], *, report: DataReport | None = None, split: str = "data", limit: int | None = None
+) -> list[tuple[str, str, list[tuple[str, list[tuple[str, str, int]]]]]]:
+    """:func:`read_duee` with the place of each record: ``(where, text, events)``, ``where`` being ``file:LINE``
+    (JSON lines) or ``file: record N`` (JSON array), 1-based."""
+    _check_limit("read_duee", limit)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"event data file {str(path)!r} does not exist.")
     report = report if report is not None else DataReport()
     out = []
-    for where, record in _load_json_records(path, report, split):
+    for where, record in _json_records(path, report, split, "read_duee"):
+        if limit is not None and len(out) >= limit:
+            break
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             report.add(split, "malformed records (dropped)", message=f"{where}: not an object with a string 'text'")
             continue
@@ -340,7 +473,11 @@ def read_duee(
                 args += [(str(a["role"]), str(a["argument"]), int(a["argument_start_index"])) for a in e["arguments"]]
                 etype = str(e["event_type"])
             except (KeyError, TypeError, ValueError):
-                report.add(split, "malformed events (dropped)", message=f"{where}: event {e!r} lacks fields")
+                report.add(
+                    split,
+                    "malformed events (dropped)",
+                    message=f"{where}: event {shorten(repr(e))} lacks fields (text {shorten(text)})",
+                )
                 continue
             good = []
             for role, arg, start in args:
@@ -348,14 +485,30 @@ def read_duee(
                     report.add(
                         split,
                         "arguments not at their offset (dropped)",
-                        message=f"{where}: {role} {arg!r} is not at character {start}",
+                        message=f"{where}: {role} {arg!r} is not at character {start} of the text {shorten(text)}",
                     )
                     continue
                 good.append((role, arg, start))
             events.append((etype, good))
-        out.append((text, events))
+        out.append((where, text, events))
     report.add(split, "texts", len(out))
-    report.add(split, "events", sum(len(e) for _, e in out))
+    report.add(split, "events", sum(len(e) for _, _, e in out))
     if not out:
         raise SpanFormatError(f"{path}: no usable record in the file.")
     return out
+
+
+def read_duee(
+    path: str | os.PathLike[str], *, report: DataReport | None = None, split: str = "data", limit: int | None = None
+) -> list[tuple[str, list[tuple[str, list[tuple[str, str, int]]]]]]:
+    """Read DuEE-style event data: ``(text, events)`` per record, each event ``(event_type, [(role, argument,
+    char_start), ...])`` with the trigger as role ``"trigger"``. Malformed records/events are dropped and counted;
+    an argument whose string is not at its offset is dropped and counted; each with ``file:LINE`` or ``file: record
+    N`` (1-based) and the text at fault. ``limit``: stop after that many usable records (the report counts what was
+    read). ``read_duee_records`` gives the place of each record too.
+
+    Raises:
+        FileNotFoundError: no such file.
+        SpanFormatError: invalid JSON array, a file of token columns (named as such), or no record left.
+    """
+    return [(text, events) for _, text, events in read_duee_records(path, report=report, split=split, limit=limit)]

@@ -4,9 +4,11 @@ r"""Lightning data modules for the span models: entities (:class:`SpanDataModule
 Each reads its files in ``setup`` with the tokenizer of the model it is trained with (or one given as
 ``tokenizer=``), turns the gold annotation into token-pair targets, and keeps a :class:`~lightning_gen.span.DataReport`
 (``self.report``) of what it read, repaired and lost: malformed lines/records, spans and triples lost to
-``max_length``, entity strings not found in their text, relations unknown to the training set. The report is logged
-once at the end of loading (``rank_zero_warn`` when anything was lost). Nothing of it is fatal unless a split has no
-usable example left.
+``max_length``, entity strings not found in their text, relations unknown to the training set, each message with
+its file and 1-based line (or ``file: record N`` in a JSON array) and the words, text or triple at fault (the
+convention of :mod:`lightning_gen.span.data`). The report is logged once at the end of loading (``rank_zero_warn``
+when anything was lost) and counts what was read: with ``limit_train=N`` only the first N sentences or records.
+Nothing of it is fatal unless a split has no usable example left.
 
 Batches are dicts: ``input_ids``, ``attention_mask`` (padded to the longest input of the batch), per-pointer gold
 pairs (lists of ``(type, i, j)`` token positions, made into dense or sparse targets by the model) and what decoding
@@ -16,7 +18,6 @@ and the metrics need (windows, encodings, texts, gold sets).
 from __future__ import annotations
 
 import os
-from collections import Counter
 from functools import partial
 from typing import Any, Literal
 
@@ -37,11 +38,13 @@ from lightning_gen.span.data import (
     IobFormat,
     Sentence,
     SpanFormatError,
-    read_casrel,
-    read_duee,
+    read_casrel_records,
+    read_duee_records,
     read_iob,
     read_relations,
+    shorten,
 )
+from lightning_mtl._imports import needs_extra
 
 __all__ = ["EventDataModule", "RelationDataModule", "SpanDataModule"]
 
@@ -99,7 +102,8 @@ class _Base(pl.LightningDataModule):
                 "tokenizer= (a path, a hub name or a fast tokenizer)."
             )
         if isinstance(tok, (str, os.PathLike)):
-            from transformers import AutoTokenizer
+            with needs_extra(f"{type(self).__name__}(tokenizer={str(tok)!r})"):
+                from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(tok))
         self._tok = tok
@@ -201,7 +205,7 @@ class SpanDataModule(_Base):
         truncate = bool(self._setting("truncate", False))
         raw: dict[str, list[Sentence]] = {}
         for split, path, limit in self._splits():
-            raw[split] = read_iob(path, self.format, report=self.report, split=split)[:limit]
+            raw[split] = read_iob(path, self.format, report=self.report, split=split, limit=limit)
         labels = self._setting("labels")
         if labels is None:
             source = raw.get("train") or raw.get("val") or []
@@ -223,10 +227,21 @@ class SpanDataModule(_Base):
     ) -> list[dict[str, Any]]:
         windows_of = encode_words(tok, [s.words for s in sentences], max_length, overlap=overlap, truncate=truncate)
         items = []
-        for sentence, windows in zip(sentences, windows_of, strict=True):
+        for number, (sentence, windows) in enumerate(zip(sentences, windows_of, strict=True), start=1):
+
+            def where(word: int, sentence: Sentence = sentence, number: int = number) -> str:
+                return sentence.where(word, fallback=f"{split}: sentence {number}")
+
+            def words(start: int, end: int, sentence: Sentence = sentence) -> str:
+                return f"{' '.join(sentence.words[start:end])!r} (words {start}-{end - 1} of {len(sentence.words)})"
+
             known = {sp for sp in sentence.spans if sp[2] in index}
-            if len(known) < len(sentence.spans):
-                self.report.add(split, "spans of unknown types (dropped)", len(sentence.spans) - len(known))
+            for start, end, label in sorted(sentence.spans - known):
+                self.report.add(
+                    split,
+                    "spans of unknown types (dropped)",
+                    message=f"{where(start)}: span {words(start, end)} of type {label!r}, not one of the labels in use",
+                )
             targets: list[list[tuple[int, int, int]]] = [[] for _ in windows]
             for start, end, label in sorted(known):
                 hit = False
@@ -238,7 +253,7 @@ class SpanDataModule(_Base):
                 if not hit:
                     empty = set(range(start, end)) <= windows[0].empty_words
                     what = "spans without sub-words (lost)" if empty else "spans lost to max_length"
-                    self.report.add(split, what, message=f"{split}: {what}: {' '.join(sentence.words[start:end])!r}")
+                    self.report.add(split, what, message=f"{where(start)}: {what}: span {words(start, end)}")
             self.report.add(split, "windows", len(windows))
             if len(windows) > 1 or windows[0].truncated:
                 self.report.add(split, "sentences over max_length (windowed or truncated)")
@@ -338,10 +353,13 @@ class RelationDataModule(_TextBase):
     def _load(self) -> None:
         tok = self._get_tokenizer()
         max_length = self._setting("max_length", 128)
-        raw = {split: read_casrel(p, report=self.report, split=split)[:lim] for split, p, lim in self._splits()}
+        raw = {
+            split: read_casrel_records(p, report=self.report, split=split, limit=lim)
+            for split, p, lim in self._splits()
+        }
         relations = self._setting("relations")
         if relations is None:
-            seen = {r for _, triples in raw.get("train", raw.get("val", [])) for _, r, _ in triples}
+            seen = {r for _, _, triples in raw.get("train", raw.get("val", [])) for _, r, _ in triples}
             if self.rel2id:
                 order = read_relations(self.rel2id)
                 unseen = [r for r in order if r not in seen]
@@ -352,19 +370,22 @@ class RelationDataModule(_TextBase):
                 relations = sorted(seen)
         self.relations = list(relations)
         if self._setting("match") is None:
-            entities = [e for _, triples in raw.get("train", raw.get("val", [])) for s, _, o in triples for e in (s, o)]
+            source = raw.get("train", raw.get("val", []))
+            entities = [e for _, _, triples in source for s, _, o in triples for e in (s, o)]
             self.match = "partial" if entities and all(len(e.split()) == 1 for e in entities) else "exact"
         else:
             self.match = self._setting("match")
         index = {r: k for k, r in enumerate(self.relations)}
         for split, records in raw.items():
-            encodings = encode_texts(tok, [text for text, _ in records], max_length)
+            encodings = encode_texts(tok, [text for _, text, _ in records], max_length)
             self.datasets[split] = [
-                self._item(split, text, triples, enc, index)
-                for (text, triples), enc in zip(records, encodings, strict=True)
+                self._item(split, where, text, triples, enc, index)
+                for (where, text, triples), enc in zip(records, encodings, strict=True)
             ]
 
-    def _item(self, split: str, text: str, triples: list, enc: Any, index: dict[str, int]) -> dict[str, Any]:
+    def _item(
+        self, split: str, where: str, text: str, triples: list, enc: Any, index: dict[str, int]
+    ) -> dict[str, Any]:
         entity: set[tuple[int, int, int]] = set()
         head: set[tuple[int, int, int]] = set()
         tail: set[tuple[int, int, int]] = set()
@@ -372,14 +393,21 @@ class RelationDataModule(_TextBase):
             if s == o:
                 self.report.add(split, "subject equals object")
             if r not in index:
-                self.report.add(split, "relations unknown to the training set", message=f"{split}: relation {r!r}")
+                self.report.add(
+                    split,
+                    "relations unknown to the training set",
+                    message=f"{where}: relation {r!r} of triple {(s, r, o)!r} is not one of the relations in use "
+                    f"(text {shorten(text)})",
+                )
                 continue
             spans = []
-            for e in (s, o):
+            for role, e in (("subject", s), ("object", o)):
                 starts, whole = find_occurrences(e, text)
                 if not starts:
                     self.report.add(
-                        split, "entities not in text (triple dropped)", message=f"{split}: {e!r} not in {text[:60]!r}"
+                        split,
+                        "entities not in text (triple dropped)",
+                        message=f"{where}: {role} {e!r} of triple {(s, r, o)!r} is not in the text {shorten(text)}",
                     )
                     break
                 if not whole:
@@ -396,7 +424,9 @@ class RelationDataModule(_TextBase):
             st, ot = char_span_to_tokens(enc, *sc), char_span_to_tokens(enc, *oc)
             if st is None or ot is None:
                 self.report.add(
-                    split, "triples lost to max_length", message=f"{split}: triple {(s, r, o)!r} past max_length"
+                    split,
+                    "triples lost to max_length",
+                    message=f"{where}: triple {(s, r, o)!r} lies past max_length tokens of the text {shorten(text)}",
                 )
                 continue
             entity |= {(0, *st), (1, *ot)}
@@ -447,39 +477,54 @@ class EventDataModule(_TextBase):
     def _load(self) -> None:
         tok = self._get_tokenizer()
         max_length = self._setting("max_length", 128)
-        raw = {split: read_duee(p, report=self.report, split=split)[:lim] for split, p, lim in self._splits()}
+        raw = {
+            split: read_duee_records(p, report=self.report, split=split, limit=lim) for split, p, lim in self._splits()
+        }
         labels = self._setting("labels")
         if labels is None:
             source = raw.get("train", raw.get("val", []))
-            labels = sorted({(t, role) for _, events in source for t, args in events for role, _, _ in args})
+            labels = sorted({(t, role) for _, _, events in source for t, args in events for role, _, _ in args})
         self.labels = [tuple(x) for x in labels]
         index = {x: k for k, x in enumerate(self.labels)}
         for split, records in raw.items():
-            encodings = encode_texts(tok, [text for text, _ in records], max_length)
+            encodings = encode_texts(tok, [text for _, text, _ in records], max_length)
             self.datasets[split] = [
-                self._item(split, text, events, enc, index)
-                for (text, events), enc in zip(records, encodings, strict=True)
+                self._item(split, where, text, events, enc, index)
+                for (where, text, events), enc in zip(records, encodings, strict=True)
             ]
 
-    def _item(self, split: str, text: str, events: list, enc: Any, index: dict) -> dict[str, Any]:
+    def _item(self, split: str, where: str, text: str, events: list, enc: Any, index: dict) -> dict[str, Any]:
         argument: set[tuple[int, int, int]] = set()
         head: set[tuple[int, int, int]] = set()
         tail: set[tuple[int, int, int]] = set()
         gold_events = set()
-        counts: Counter[str] = Counter()
         for etype, args in events:
             if not any(role == TRIGGER for role, _, _ in args):
-                self.report.add(split, "events without a trigger (dropped)")
+                self.report.add(
+                    split,
+                    "events without a trigger (dropped)",
+                    message=f"{where}: event {etype!r} has no trigger left (text {shorten(text)})",
+                )
                 continue
             gold_events.add((etype, frozenset((role, arg) for role, arg, _ in args)))
             spans = []
             for role, arg, start in args:
                 if (etype, role) not in index:
-                    counts["arguments of unknown (type, role) (dropped)"] += 1
+                    self.report.add(
+                        split,
+                        "arguments of unknown (type, role) (dropped)",
+                        message=f"{where}: {role} {arg!r} of event {etype!r}: ({etype!r}, {role!r}) is not one of the "
+                        f"labels in use (text {shorten(text)})",
+                    )
                     continue
                 tokens = char_span_to_tokens(enc, start, start + len(arg))
                 if tokens is None:
-                    counts["arguments lost to max_length"] += 1
+                    self.report.add(
+                        split,
+                        "arguments lost to max_length",
+                        message=f"{where}: {role} {arg!r} of event {etype!r} at character {start} lies past "
+                        f"max_length tokens of the text {shorten(text)}",
+                    )
                     continue
                 argument.add((index[(etype, role)], *tokens))
                 spans.append(tokens)
@@ -487,8 +532,6 @@ class EventDataModule(_TextBase):
                 for h2, t2 in spans[a + 1 :]:
                     head.add((0, min(h1, h2), max(h1, h2)))
                     tail.add((0, min(t1, t2), max(t1, t2)))
-        for what, n in counts.items():
-            self.report.add(split, what, n)
         return {
             "text": text,
             "encoding": enc,

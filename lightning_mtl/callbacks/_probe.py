@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_mtl.callbacks._base import InstanceCallback
 from lightning_mtl.probes.figures import Panels, Series, depth_figure, plottable
 from lightning_mtl.probes.layers import is_position_spec, select_layers
 
@@ -67,7 +67,7 @@ def ends_fit(trainer: pl.Trainer, step: int) -> bool:
     return bool(progress.is_last_batch) or progress.current.ready == trainer.num_training_batches
 
 
-class _Probe(Callback):
+class _Probe(InstanceCallback):
     """Shared machinery of the probes; see the module docstring."""
 
     #: File name of the end-of-fit figure.

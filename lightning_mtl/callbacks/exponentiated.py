@@ -15,13 +15,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_mtl._dtensor import is_dtensor, local_tensor
+from lightning_mtl.callbacks._base import InstanceCallback
 from lightning_mtl.callbacks.projected_decay import check_strategy
 from lightning_mtl.probes.stats import reduce_sharded_rows
 
@@ -61,7 +61,7 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(local_tensor(p).dtype, torch.float32)
 
 
-class ExponentiatedStepSize(Callback):
+class ExponentiatedStepSize(InstanceCallback, example_args="gamma=0.1, clamp=(0.1, 10.0)"):
     r"""Per-coordinate learning-rate multipliers :math:`\nu` learned by exponentiated gradient (Su,
     https://kexue.fm/archives/8968), applied to the gradient so that it composes with any optimizer.
 

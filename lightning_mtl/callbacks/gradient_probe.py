@@ -43,7 +43,7 @@ def _quiet_logging(module: pl.LightningModule) -> Iterator[None]:
         module.__dict__.pop("log_dict", None)
 
 
-class GradientMagnitudeProbe(_Probe):
+class GradientMagnitudeProbe(_Probe, example_args="every_n_steps=50"):
     r"""Per-layer gradient norms, update-to-weight ratios and the loss change of one step, every N steps.
 
     Probe steps (``trainer.global_step`` after the step): every multiple of ``every_n_steps``, the first optimizer

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -27,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_mtl.callbacks._base import InstanceCallback
 from lightning_mtl.callbacks._host_read import DeferredRead
 from lightning_mtl.engine import GradientEngine, SharedParameters, StepSummary
 from lightning_mtl.engine._compile import DonatedBufferSwitch
@@ -36,7 +36,7 @@ from lightning_mtl.weighting import Weighting
 __all__ = ["MultiTaskGradient"]
 
 
-class MultiTaskGradient(Callback):
+class MultiTaskGradient(InstanceCallback, example_args="mtl.MGDA()"):
     r"""Combine the per-task gradients of the shared parameters with a :class:`~lightning_mtl.weighting.Weighting`.
 
     The module's ``training_step`` returns ``lightning_mtl.task_losses(self, {name: loss, ...}, shared=z)``.

@@ -15,7 +15,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -31,6 +30,7 @@ from typing_extensions import override
 
 from lightning_mtl._dtensor import local_tensor
 from lightning_mtl._utils import no_decay_groups
+from lightning_mtl.callbacks._base import InstanceCallback
 from lightning_mtl.probes.stats import reduce_sharded_rows
 
 __all__ = ["ProjectedWeightDecay", "project_weight_decay", "weight_decay_coefficient"]
@@ -111,7 +111,7 @@ def check_strategy(strategy: Strategy, callback: str) -> None:
         )
 
 
-class ProjectedWeightDecay(Callback):
+class ProjectedWeightDecay(InstanceCallback, example_args=""):
     r"""L2 regularisation as an auxiliary task, with no coefficient: project the gradient so that a step never
     increases the weight norm (Su, https://kexue.fm/archives/8907).
 

@@ -61,7 +61,7 @@ class _SubLayer:
     branch: nn.Module
 
 
-class ResidualProbe(_Probe):
+class ResidualProbe(_Probe, example_args="every_n_steps=10"):
     r"""Residual branch ratios and the DeepNet "model update" on a fixed probe batch, every N optimizer steps.
 
     For residual blocks :math:`y = x + \varepsilon F(x)` (Su, https://kexue.fm/archives/8994) or post-norm /
