@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_mtl import _device
+
 from lightning_mtl._imports import moved
 
 __all__: list[str] = [
@@ -288,7 +290,7 @@ def sparse_multilabel_crossentropy(
     # the negatives: every class but the positives (and class 0 with mask_zero), no cancellation
     excluded = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, index, True)
     if mask_zero:
-        excluded[..., 0] = True
+        excluded[..., 0].fill_(True)  # a fill on the view: no scalar tensor built on the host
     neg_part = _logsumexp_with_zero(s.masked_fill(excluded, _NEG_INF))
     return _reduce(pos_part + neg_part, reduction)
 
@@ -495,6 +497,13 @@ def _gauss_hermite(num_nodes: int) -> tuple[tuple[float, ...], tuple[float, ...]
         return tuple(x.tolist()), tuple((np.log(w) + x * x).tolist())
 
 
+@functools.lru_cache(maxsize=16)
+def _gauss_hermite_on(num_nodes: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`_gauss_hermite` as tensors on ``device``, made once (not copied from the host at every call)."""
+    nodes, log_weights = _gauss_hermite(num_nodes)
+    return torch.tensor(nodes, dtype=dtype, device=device), torch.tensor(log_weights, dtype=dtype, device=device)
+
+
 def _exact_inputs(
     mu: Tensor, sigma: Tensor | float, target: Tensor, num_nodes: int, fn: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -511,7 +520,7 @@ def _exact_inputs(
             raise ValueError(f"{fn}: sigma must be floating point, got {sigma.dtype}.")
         sig = sigma.to(device=mu.device, dtype=m.dtype)
     else:  # a Python number: straight to the compute dtype (no float32 rounding on the way to float64)
-        sig = torch.tensor(float(sigma), dtype=m.dtype, device=mu.device)
+        sig = torch.full((), float(sigma), dtype=m.dtype, device=mu.device)  # a fill, no host-to-device copy
     if sig.shape == (*rows, 1) and sig.shape != rows:
         sig = sig.squeeze(-1)
     elif sig.ndim != 0 and sig.shape != rows:
@@ -519,11 +528,14 @@ def _exact_inputs(
             f"{fn}: sigma of shape {tuple(sig.shape)} does not match mu of shape {tuple(mu.shape)}: give one scale "
             f"per row, shape {tuple(rows)} or {(*rows, 1)}, or a single number."
         )
-    if not bool((sig > 0).all()):
-        raise ValueError(
-            f"{fn}: sigma must be > 0 everywhere (the scale σ(x) of the Gaussian noise; produce it with e.g. "
-            f"softplus(raw) + 1e-3), got min {sig.min().item():.4g} (or NaN)."
-        )
+    if _device.on_host(sig):
+        if not bool((sig > 0).all()):
+            raise ValueError(
+                f"{fn}: sigma must be > 0 everywhere (the scale σ(x) of the Gaussian noise; produce it with e.g. "
+                f"softplus(raw) + 1e-3), got min {sig.min().item():.4g} (or NaN)."
+            )
+    else:  # on an accelerator the check would stall the device: a sigma <= 0 makes its row's loss NaN instead
+        sig = torch.where(sig > 0, sig, float("nan"))
     is_tensor = isinstance(target, Tensor)
     if not is_tensor or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         got = target.dtype if is_tensor else type(target).__name__
@@ -557,9 +569,7 @@ def _exact_log_probability(m: Tensor, sig: Tensor, target: Tensor, num_nodes: in
                 break
             centre = centre + (mills.sum(-1, keepdim=True) - centre) / curvature  # Newton step on g'(c) = 0
         width = curvature.rsqrt() * math.sqrt(2)
-    nodes, log_weights = _gauss_hermite(num_nodes)
-    x = torch.tensor(nodes, dtype=d.dtype, device=d.device)
-    log_w = torch.tensor(log_weights, dtype=d.dtype, device=d.device)
+    x, log_w = _gauss_hermite_on(num_nodes, d.dtype, d.device)
     u = centre + width * x  # (..., K)
     log_cdf = torch.special.log_ndtr(d.unsqueeze(-2) + u.unsqueeze(-1))  # (..., K, C)
     log_cdf = torch.where(is_target.unsqueeze(-2), zero, log_cdf)
@@ -607,7 +617,8 @@ def exact_probability(
     Args:
         mu: class scores :math:`\mu(x)`, floating point ``(..., C)``.
         sigma: :math:`\sigma(x) > 0`, one per row: shape ``(...)``, ``(..., 1)``, or a single number. Checked on
-            the host (one device sync).
+            CPU (a ``ValueError``); on an accelerator, where the check would stall the device, a row whose sigma is
+            not positive gets a NaN instead.
         target: the true classes, integer ``(...)`` in ``[0, C)`` (out-of-range indices raise in ``torch.gather``).
         num_nodes: Gauss–Hermite nodes.
         log: return :math:`\log p` (computed in log space: accurate when :math:`p` underflows).

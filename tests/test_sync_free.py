@@ -186,3 +186,42 @@ def test_off_the_host_the_fallback_warning_waits_for_the_logging_interval(monkey
         torch.testing.assert_close(w, torch.full((2,), 0.5, dtype=torch.float64))
         with pytest.warns(RuntimeWarning, match="not finite or not symmetric"):
             assert weighting.report_fallbacks() == 1
+
+
+# --- the generic losses -------------------------------------------------------------------------------------------
+def test_losses_are_sync_free(monkeypatch):
+    from lightning_mtl import losses as L
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 3, 36, generator=g, requires_grad=True)
+    dense = torch.rand(4, 3, 36, generator=g) > 0.8
+    index = torch.randint(0, 36, (4, 3, 5), generator=g)
+    nxm = torch.randn(4, 5, 6, generator=g, requires_grad=True)
+    nxm_targets = torch.randint(0, 6, (4, 5), generator=g)
+    soft = torch.softmax(torch.randn(4, 5, 6, generator=g), -1)
+    mu = torch.randn(8, 10, generator=g, requires_grad=True)
+    sigma = torch.rand(8, generator=g) + 0.5
+    target = torch.randint(0, 10, (8,), generator=g)
+    L.exact_loss(mu, 1.5, target)  # the first call caches the quadrature nodes on the device
+    with accelerator_paths(monkeypatch), NoHostSync("losses"):
+        total = (
+            L.multilabel_crossentropy(scores, dense)
+            + L.sparse_multilabel_crossentropy(scores, index)
+            + L.nxm_crossentropy(nxm, nxm_targets)
+            + L.nxm_crossentropy_soft(nxm, soft)
+            + L.exact_loss(mu, sigma, target)
+            + L.exact_loss(mu, 1.5, target)
+        )
+        total.backward()
+    assert torch.isfinite(total)
+
+
+def test_off_the_host_a_non_positive_sigma_gives_nan_instead_of_a_sync(monkeypatch):
+    from lightning_mtl.losses import exact_loss
+
+    mu, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        exact_loss(mu, torch.tensor([1.0, 0.0, 1.0]), target, reduction="none")
+    with accelerator_paths(monkeypatch):
+        out = exact_loss(mu, torch.tensor([1.0, 0.0, 1.0]), target, reduction="none")
+    assert out.isnan().tolist() == [False, True, False]
