@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from lightning_mtl import _device
-
 from lightning_mtl._imports import moved
 
 __all__: list[str] = [
