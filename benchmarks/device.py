@@ -38,6 +38,7 @@ import csv
 import gzip
 import hashlib
 import importlib.metadata as md
+import importlib.util
 import io
 import json
 import os
@@ -143,7 +144,9 @@ def project_wheel(dest: Path) -> Path:
     """``pip wheel --no-deps`` of this repository (no build isolation: no network)."""
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, str(ROOT)]
+        cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, str(ROOT)]
+        if importlib.util.find_spec("setuptools") is not None:  # build here, without fetching a build backend
+            cmd.insert(5, "--no-build-isolation")
         subprocess.run(cmd, check=True, cwd=tmp)
         (wheel,) = Path(tmp).glob("lightning_mtl-*.whl")
         return Path(shutil.copy2(wheel, dest / wheel.name))
@@ -297,7 +300,7 @@ def prepare(names: list[str], *, out: Path = PACK, data_root: Path = DATA, offli
 def tool_call(part: str, budget: float = 280.0) -> dict:
     """The arguments of the device tool's ``run`` for ``part``."""
     cmd = f"PYTHONUNBUFFERED=1 python3 benchmarks/device.py run {part} --budget {budget:g}"
-    return {"command": cmd, "carry": [f".device/{part}"], "timeout_s": int(budget + 240)}
+    return {"command": cmd, "carry": [f".device/{part}"], "timeout_s": min(600, int(budget) + 240)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,7 +370,9 @@ def unpack(folder: Path, manifest: dict, work: Path) -> tuple[Path, Path | None]
     return data, encoder
 
 
-PROBE = """import json, sys, platform, torch
+#: the environment of a part's steps (what a block's heading says), after importing the part's modules
+PROBE = """import importlib, json, sys, platform, torch
+for m in sys.argv[1:]: importlib.import_module(m)
 cuda = torch.cuda.is_available()
 print(json.dumps({"device": torch.cuda.get_device_name(0) if cuda else "CPU (" + platform.machine() + ")",
     "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}))"""
@@ -411,21 +416,12 @@ def run_part(name: str, *, dry: bool, out: Path, budget: float, pack: Path = PAC
             python = [sys.executable, "-S"]
             say(f"dry run: python -S with the wheels and {len(simulated)} device distributions installed here")
         data, encoder = unpack(folder, manifest, work)
-        probe = subprocess.run([*python, "-c", PROBE], env=env, capture_output=True, text=True, cwd=ROOT)
+        probe = subprocess.run([*python, "-c", PROBE, *part.imports], env=env, capture_output=True, text=True, cwd=ROOT)
         if probe.returncode != 0:
-            raise SystemExit(f"run: torch does not import in the part's environment:\n{probe.stderr[-3000:]}")
+            say(probe.stdout + probe.stderr)
+            raise SystemExit(f"run: the part's modules do not import from the pack: {probe.stderr.strip()[-800:]}")
         info = json.loads(probe.stdout.strip().splitlines()[-1])
         say(f"device: {json.dumps(info)}")
-        check = subprocess.run(
-            [*python, "-c", "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)", *part.imports],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        if check.returncode != 0:
-            say(check.stdout + check.stderr)
-            raise SystemExit(f"run: the part's modules do not import from the pack: {check.stderr.strip()[-500:]}")
         say(f"imports from the pack: {', '.join(part.imports)}")
         ctx = Context(dry, budget, data, encoder, work, "cpu" if dry else "cuda", options or {})
         (work / "multimnist").mkdir()
@@ -468,6 +464,10 @@ def run_step(step: Step, ctx: Context, python: list[str], env: dict, deadline: f
     deadline by more than that allowance."""
     allowance = 120.0 if ctx.dry else 60.0
     remaining = deadline - time.perf_counter()
+    if remaining <= 0:
+        say(f"\n=== {step.name}: skipped, the part's budget of {ctx.budget:.0f} s is spent")
+        note = "[skipped: the part's budget was spent before this step]"
+        return {"name": step.name, "argv": step.argv, "rc": None, "ok": False, "wall_s": 0.0, "tail": note}
     limit = min(step.share * ctx.budget + allowance, max(remaining, 0) + allowance)
     cmd = [*python, *step.argv]
     say(f"\n=== {step.name}: {' '.join(step.argv)} (limit {limit:.0f} s)")

@@ -250,7 +250,7 @@ def held_out_bpc(model: nn.Module, dm: TextDataModule, n: int, tokens: int) -> f
 def part_quality(a: argparse.Namespace) -> str:
     lrs = a.lrs or [a.lr]
     lines = [
-        "| model | lr | parameters | steps in budget | held-out bpc (n=256) |",
+        f"| model | lr | parameters | steps in budget | held-out bpc (n={a.quality_len}) |",
         "|---|---|---|---|---|",
     ]
     for lr in lrs:

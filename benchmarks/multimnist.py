@@ -423,12 +423,16 @@ def report(rows: list[dict], config: dict) -> str:
     s = summarize(rows)
     seeds = sorted({r["seed"] for r in rows})
     threads = "/".join(str(t) for t in sorted({r["threads"] for r in rows}))
+    gpus = sorted({r["device"] for r in rows if r.get("device", "cpu") != "cpu"})
+    where = f"one {', '.join(gpus)}, the runs in parallel" if gpus else "a shared 2-core CPU, noisy"
+    cut = sorted({r["epochs_run"] for r in rows if r.get("epochs_run", config["epochs"]) < config["epochs"]})
     lines = [
         f"{config['epochs']} epochs, batch {config['batch_size']}, SGD lr {config['lr']} momentum 0.9"
         + (f", {config['limit_train']} training batches per epoch" if config.get("limit_train") else "")
         + f"; seeds {', '.join(map(str, seeds))}; torch {torch.__version__}, {threads} thread(s) per run. "
         "Test accuracy (%) of the epoch with the best validation accuracy, mean ± sd over the seeds; wall time of "
-        "one run (fit + test) on a shared 2-core CPU, noisy.",
+        f"one run (fit + test) on {where}."
+        + (f" Some runs stopped at their time limit, after {', '.join(map(str, cut))} epochs." if cut else ""),
         "",
         "| method | mode | left acc | right acc | mean of both | epoch chosen | wall s / run |",
         "|---|---|---|---|---|---|---|",
