@@ -91,8 +91,8 @@ def core_steps(ctx: Context) -> list[Step]:
     w, dev, dry = ctx.work, ctx.device, ctx.dry
     # the dry run collects one light test module (the whole suite takes a minute to collect on 2 shared cores)
     tests = ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_losses.py" if dry else "tests"]
-    mlp = ["--tasks", "2", "--steps", "1", "--batch", "8", "--lightning-rounds", "0"]
-    resnet = ["--tasks", "2", "--steps", "1", "--batch", "2", "--lightning-rounds", "0"]
+    mlp = ["--tasks", "2", "--steps", "1", "--warmup", "0", "--batch", "8", "--lightning-rounds", "0"]
+    resnet = ["--tasks", "2", "--steps", "1", "--warmup", "0", "--batch", "2", "--lightning-rounds", "0"]
     gau = ["--lens", "16", "--batch", "1", "--reps", "1", "--warmup", "0", "--dim", "32", "--gau-depth", "1"]
     gau += ["--qk-dim", "16", "--tf-depth", "1", "--tf-ffn", "64"]
     ddpm = ["--presets", "digits8", "--rounds", "1", "--block", "2", "--batch", "4", "--limit", "64"]
@@ -263,7 +263,11 @@ def relations_main(argv: list[str]) -> None:
         model.load_state_dict(tracker.best)
     if a.test:
         test_data = RelationDataModule(
-            val=a.test, relations=list(model.relations), match=model.match, batch_size=a.batch_size
+            val=a.test,
+            relations=list(model.relations),
+            match=model.match,
+            batch_size=a.batch_size,
+            limit_val=a.limit_val,
         )
         evaluator = L.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=1, precision=a.precision, logger=False)
         metrics = evaluator.validate(model, test_data, verbose=False)[0]

@@ -392,6 +392,7 @@ def lightning_alternating(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per configuration first")
     parser.add_argument("--tasks", default="2,4")
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size of the plain-loop table")
     parser.add_argument("--lightning-rounds", type=int, default=8)
@@ -414,14 +415,15 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
     shared = "a ResNet-18 trunk (32×32×3 inputs)" if args.net == "resnet18" else "the MLP"
     lines = [
-        f"Median step time over {args.steps} interleaved steps, {shared}, batch {args.batch}, {where}, torch "
+        f"Median step time over {args.steps} interleaved steps (after {args.warmup} unmeasured), {shared}, "
+        f"batch {args.batch}, {where}, torch "
         f"{torch.__version__}. Ratios are within one run.",
         "",
         "| K | configuration | ms / step | vs plain | vs floor |",
         "|---|---|---|---|---|",
     ]
     for k in (int(s) for s in args.tasks.split(",")):
-        result = measure(make_steps(k, device, args.batch, args.net), args.steps, device=device)
+        result = measure(make_steps(k, device, args.batch, args.net), args.steps, args.warmup, device)
         for name, ms in result.items():
             lines.append(f"| {k} | {name} | {ms:.1f} | {ms / result['plain']:.2f}× | {ms / result['floor']:.2f}× |")
             print(lines[-1], flush=True)
