@@ -338,13 +338,37 @@ def simulated_device_site(dest: Path) -> list[str]:
     return sorted(installed[k].metadata["Name"] for k in keep)
 
 
-def install(folder: Path, site: Path) -> list[str]:
-    """``pip install --no-index --no-deps --target site`` of the pack's wheels."""
+def install(folder: Path, site: Path, *, device_platform: bool = False) -> list[str]:
+    """``pip install --no-index --no-deps --target site`` of the pack's wheels; with ``device_platform``, as the
+    device's CPython 3.12 on manylinux x86-64 would (a check: nothing installed so runs here)."""
     wheels = sorted(str(w) for w in (folder / "wheels").glob("*.whl"))
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
-    cmd += ["--disable-pip-version-check", "--target", str(site), *wheels]
-    subprocess.run(cmd, check=True)
+    cmd += ["--disable-pip-version-check", "--root-user-action=ignore", "--target", str(site)]
+    if device_platform:
+        cmd += ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"]
+        cmd += [f"--platform={p}" for p in PLATFORMS]
+    subprocess.run([*cmd, *wheels], check=True)
     return [Path(w).name for w in wheels]
+
+
+def local_stand_ins(folder: Path, dest: Path) -> Path:
+    """A copy of the pack's wheels for a dry run here: each wheel this interpreter cannot install (a cp312 binary
+    on another Python) replaced by the same distribution installed here, packed as a wheel."""
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+
+    ours = set(sys_tags())
+    (dest / "wheels").mkdir(parents=True)
+    for wheel in sorted((folder / "wheels").glob("*.whl")):
+        name, version, _, tags = parse_wheel_filename(wheel.name)
+        if tags & ours:
+            shutil.copy2(wheel, dest / "wheels" / wheel.name)
+            continue
+        dist = md.distribution(str(name))
+        if dist.version != str(version):
+            raise SystemExit(f"run --dry-run: {wheel.name} is {version}, but {name} {dist.version} is installed here.")
+        repack_wheel(dist, dest / "wheels")
+    return dest
 
 
 def unpack(folder: Path, manifest: dict, work: Path) -> tuple[Path, Path | None]:
@@ -402,7 +426,12 @@ def run_part(name: str, *, dry: bool, out: Path, budget: float, pack: Path = PAC
     with tempfile.TemporaryDirectory(prefix=f"devpack-{name}-") as tmp:
         work = Path(tmp)
         site = work / "site"
-        installed = install(folder, site)
+        if dry and not manifest["offline"]:  # wheels for the device: check they install there, run stand-ins here
+            install(folder, work / "device-check", device_platform=True)
+            say("the wheels install offline for CPython 3.12 on manylinux x86-64 (the device)")
+            installed = install(local_stand_ins(folder, work / "local"), site)
+        else:
+            installed = install(folder, site)
         say(f"installed offline into {site}: {', '.join(installed)}")
         env = dict(os.environ, PYTHONPATH=str(site), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         env.pop("PYTHONHOME", None)
