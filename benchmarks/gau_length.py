@@ -12,6 +12,11 @@ Both write JSON (``--out``) and a markdown table; ``--md benchmarks/gau.md`` rep
 
     python benchmarks/gau_length.py --study length --md benchmarks/gau.md
     python benchmarks/gau_length.py --study aux --md benchmarks/gau.md
+    python benchmarks/gau_length.py --device cuda --workers 8 --dim 256 --depth 4 --steps 3000 --minutes 3 --md x.md
+
+``--device cuda`` trains every run on the GPU (``--workers`` processes share it); ``--minutes`` stops a run's
+training after that much wall time (the learning-rate schedule still spans ``--steps``; the steps actually run are
+reported).
 """
 
 from __future__ import annotations
@@ -63,8 +68,10 @@ def run_one(cfg: dict) -> dict:
     callbacks = []
     if cfg["aux"] == "primary":
         callbacks.append(MultiTaskGradient(mtl.PrimaryAuxiliary(primary="lm"), validate=False))
+    on_gpu = cfg.get("device", "cpu") == "cuda"
     trainer = L.Trainer(
         max_steps=cfg["steps"],
+        max_time=None if cfg.get("minutes") is None else {"minutes": cfg["minutes"]},
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -72,17 +79,20 @@ def run_one(cfg: dict) -> dict:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=callbacks,
-        accelerator="cpu",
+        accelerator="gpu" if on_gpu else "cpu",
         devices=1,
     )
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     train_s = time.perf_counter() - t0
+    steps_run = trainer.global_step
+    if on_gpu:
+        model.to("cuda")  # Lightning's teardown moved it back to the CPU
     bpc = {}
     for n in cfg["eval_lens"]:
         loader = dm.eval_dataloader(n, max_windows=max(1, cfg["eval_tokens"] // n), batch_size=max(1, 4096 // n))
         bpc[n] = model.bits_per_character(loader)
-    return {**cfg, "bpc": bpc, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s}
+    return {**cfg, "bpc": bpc, "train_s": train_s, "steps_run": steps_run, "eval_s": time.perf_counter() - t0 - train_s}
 
 
 def _table_length(results: list[dict], eval_lens: list[int]) -> str:
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-len", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--minutes", type=float, default=None, help="stop each run's training after this long")
     p.add_argument("--out", default=None)
     p.add_argument("--md", default=None)
     a = p.parse_args(argv)
@@ -163,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         lr=a.lr,
         warmup=a.warmup,
         threads=a.threads,
+        device=a.device,
+        minutes=a.minutes,
     )
     cfgs = []
     if a.study == "length":
@@ -222,8 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     cmd = "python benchmarks/gau_length.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
         f"{table}\n\n`{cmd}` — {len(cfgs)} runs, wall {wall / 60:.1f} min on {os.cpu_count()} shared cores "
-        f"({a.workers} workers x {a.threads} thread); model d={a.dim}, {a.depth} layers, s={a.qk_dim}; "
-        f"{a.steps} steps x {a.batch} windows, lr {a.lr}, byte vocabulary, data {Path(a.data).name}."
+        f"({a.workers} workers x {a.threads} thread{', one GPU' if a.device == 'cuda' else ''}); model d={a.dim}, "
+        f"{a.depth} layers, s={a.qk_dim}; {a.steps} steps"
+        + (f" (at most {a.minutes:g} min; run: {sorted({r['steps_run'] for r in results})})" if a.minutes else "")
+        + f" x {a.batch} windows, lr {a.lr}, byte vocabulary, data {Path(a.data).name}."
     )
     print(text)
     if a.md:

@@ -28,6 +28,11 @@ Usage::
     python benchmarks/mtl_overhead.py --batch 1024 --no-write # the plain-loop table at another batch size
     python benchmarks/mtl_overhead.py --apply-only            # apply() alone: Gramian from the total vs recovery
     python benchmarks/mtl_overhead.py --device cuda           # on a GPU (its own block in benchmarks/README.md)
+    python benchmarks/mtl_overhead.py --device cuda --net resnet18 --batch 128 --tasks 2,4,8 --lightning-rounds 0
+
+``--net resnet18``: the same tables on a realistic shared network, a ResNet-18 trunk (11.2 M parameters, CIFAR
+stem, 32×32×3 inputs) with K linear heads 512→10; ``--md`` writes the block into another file (e.g. a scratch
+copy), ``--lightning-rounds 0`` leaves out the two Trainer tables.
 """
 
 from __future__ import annotations
@@ -95,15 +100,57 @@ class Net(nn.Module):
         return {f"t{i}": F.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)}, z
 
 
-def make_steps(k: int, device: str = "cpu", batch: int = BATCH) -> dict[str, Callable[[], None]]:
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3×3 convolutions with batch norm, identity (or 1×1 projection) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
+class ResNet18(Net):
+    """A ResNet-18 trunk (CIFAR stem: one 3×3 convolution, no max-pool; 11.2 M parameters) and K heads 512→10."""
+
+    def __init__(self, k: int) -> None:
+        nn.Module.__init__(self)
+        layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+        cin = 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(k))
+
+
+#: the shared networks: class and the shape of one input
+NETS: dict[str, tuple[type[Net], tuple[int, ...]]] = {"mlp": (Net, (784,)), "resnet18": (ResNet18, (3, 32, 32))}
+
+
+def make_steps(k: int, device: str = "cpu", batch: int = BATCH, net: str = "mlp") -> dict[str, Callable[[], None]]:
+    net_cls, shape = NETS[net]
     torch.manual_seed(0)
-    x = torch.randn(batch, 784, device=device)
+    x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch, k), device=device)
     steps: dict[str, Callable[[], None]] = {}
 
     def fresh() -> tuple[Net, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        net = Net(k).to(device)
+        net = net_cls(k).to(device)
         return net, torch.optim.SGD(net.parameters(), lr=1e-3)
 
     net_p, opt_p = fresh()
@@ -345,6 +392,7 @@ def lightning_alternating(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per configuration first")
     parser.add_argument("--tasks", default="2,4")
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size of the plain-loop table")
     parser.add_argument("--lightning-rounds", type=int, default=8)
@@ -353,6 +401,8 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="cpu or cuda; a CUDA run writes its own block (mtl_overhead_cuda)"
     )
+    parser.add_argument("--net", choices=sorted(NETS), default="mlp", help="the shared network of the plain-loop table")
+    parser.add_argument("--md", type=Path, default=README, help="the markdown file that receives the block")
     args = parser.parse_args()
     device = args.device
     if args.apply_only:
@@ -363,22 +413,37 @@ def main() -> None:
 
     on_gpu = _on_gpu(device)
     where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
+    shared = "a ResNet-18 trunk (32×32×3 inputs)" if args.net == "resnet18" else "the MLP"
     lines = [
-        f"Median step time over {args.steps} interleaved steps, batch {args.batch}, {where}, torch "
+        f"Median step time over {args.steps} interleaved steps (after {args.warmup} unmeasured), {shared}, "
+        f"batch {args.batch}, {where}, torch "
         f"{torch.__version__}. Ratios are within one run.",
         "",
         "| K | configuration | ms / step | vs plain | vs floor |",
         "|---|---|---|---|---|",
     ]
     for k in (int(s) for s in args.tasks.split(",")):
-        result = measure(make_steps(k, device, args.batch), args.steps, device=device)
+        result = measure(make_steps(k, device, args.batch, args.net), args.steps, args.warmup, device)
         for name, ms in result.items():
             lines.append(f"| {k} | {name} | {ms:.1f} | {ms / result['plain']:.2f}× | {ms / result['floor']:.2f}× |")
             print(lines[-1], flush=True)
-    lk = lightning_overhead(4, args.lightning_rounds, 20, device)
+    table = "\n".join(lines)
+    if args.lightning_rounds > 0:
+        table += "\n" + lightning_tables(args.lightning_rounds, device)
+    if not args.no_write:
+        tag = "mtl_overhead_cuda" if on_gpu else "mtl_overhead"
+        tag += "" if args.net == "mlp" else f"_{args.net}"
+        write_block(args.md, f"<!-- BEGIN {tag} -->", f"<!-- END {tag} -->", table, default="# Benchmarks\n")
+        print(f"wrote {args.md}")
+
+
+def lightning_tables(rounds: int, device: str) -> str:
+    """The two Trainer tables (K = 4, the MLP): separate fits, and the callback on every other step of one fit."""
+    lines: list[str] = []
+    lk = lightning_overhead(4, rounds, 20, device)
     lines += [
         "",
-        f"Inside a Lightning Trainer (K = 4, {args.lightning_rounds} rounds of one fit of 20 steps per configuration; "
+        f"Inside a Lightning Trainer (K = 4, {rounds} rounds of one fit of 20 steps per configuration; "
         "ms / step: the median over all rounds; vs no callback: the median, and the range, of the ratio of the "
         "fit's median step to that of the fit without the callback in the same round):",
         "",
@@ -388,10 +453,10 @@ def main() -> None:
     for name, (ms, ratios) in lk.items():
         lines.append(f"| {name} | {ms:.1f} | {statistics.median(ratios):.2f}× | {min(ratios):.2f}-{max(ratios):.2f}× |")
         print(lines[-1], flush=True)
-    alt = lightning_alternating(4, args.lightning_rounds // 2, 40, device)
+    alt = lightning_alternating(4, max(1, rounds // 2), 40, device)
     lines += [
         "",
-        f"The callback on every other step of one fit (K = 4, {args.lightning_rounds // 2} fits of 40 steps per "
+        f"The callback on every other step of one fit (K = 4, {max(1, rounds // 2)} fits of 40 steps per "
         "configuration; with / without: median step time; ratio: the median, and the range, over the fits of the "
         "ratio of the two medians):",
         "",
@@ -404,11 +469,7 @@ def main() -> None:
             f"{min(ratios):.2f}-{max(ratios):.2f}× |"
         )
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    if not args.no_write:
-        tag = "mtl_overhead_cuda" if on_gpu else "mtl_overhead"
-        write_block(README, f"<!-- BEGIN {tag} -->", f"<!-- END {tag} -->", table, default="# Benchmarks\n")
-        print(f"wrote {README}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
