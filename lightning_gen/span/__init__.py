@@ -38,6 +38,7 @@ _EXPORTS = {
     "encode_text_windows": "align",
     "Entity": "outputs",
     "Relation": "outputs",
+    "to_json": "outputs",
     "read_texts": "datamodules",
     "SavePretrained": "callbacks",
     "SpanPredictionWriter": "callbacks",

@@ -51,7 +51,7 @@ Occurrence = Literal["first", "nearest"]
 
 
 def read_texts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Raw texts to predict on, one item per text: ``{"text": str, "record": {"line": n, ...}}``.
+    r"""Raw texts to predict on, one item per text: ``{"text": str, "record": {"line": n, ...}}``.
 
     Two layouts, told apart by the file: **JSON lines** (a ``.jsonl``/``.json`` file, or one whose first non-blank
     line starts with ``{``): one object per line with a string ``"text"``; its other fields are kept in ``record``
@@ -63,6 +63,7 @@ def read_texts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Example::
 
+        >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "texts.txt")
         >>> _ = open(path, "w").write("EU rejects German call.\nPeter Blackburn\n")
         >>> [item["text"] for item in read_texts(path)]
