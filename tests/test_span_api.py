@@ -257,6 +257,63 @@ def test_relation_predict_step_through_a_trainer_writes_json_lines(rel, tmp_path
         SpanDataModule().predict_dataloader()
 
 
+def test_save_pretrained_callback_writes_into_the_log_directory(tiny: str, tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_gen.span import SavePretrained
+
+    (tmp_path / "train.txt").write_text(CONLL)
+    model = SpanExtractor(model_name_or_path=tiny, head_size=8)
+    data = SpanDataModule(train=str(tmp_path / "train.txt"), batch_size=8)
+    saver = SavePretrained()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        limit_val_batches=0,
+        logger=CSVLogger(tmp_path / "logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[saver],
+    )
+    trainer.fit(model, data)
+    assert saver.saved_to == Path(trainer.log_dir) / "pretrained"
+    loaded = SpanExtractor.from_pretrained(saver.saved_to)
+    assert loaded.labels == model.labels == ["MISC", "ORG", "PER"]
+    with pytest.raises(TypeError, match="SavePretrained: dirpath must be a path"):
+        SavePretrained(dirpath=3)  # type: ignore[arg-type]
+
+
+def test_event_predict_step_returns_one_record_per_text(tiny: str, monkeypatch) -> None:
+    labels = [("Deal", "item"), ("Deal", "trigger")]
+    model = EventExtractor(labels, model_name_or_path=tiny, head_size=8)
+
+    def forward(input_ids, attention_mask, span_mask=None):  # "sold" a trigger, "car" an item, linked
+        b, n = input_ids.shape
+        argument = torch.full((b, 2, n, n), -5.0)
+        argument[:, 1][_pairs(input_ids, model.tokenizer, "sold", "sold", 0)] = 1.0
+        argument[:, 0][_pairs(input_ids, model.tokenizer, "car", "car", 0)] = 1.0
+        link = torch.full((b, 1, n, n), -5.0)
+        link[:, 0][_pairs(input_ids, model.tokenizer, "sold", "car", n)] = 1.0
+        return argument, link, link.clone(), torch.zeros(b, n, 32)
+
+    monkeypatch.setattr(model, "forward", forward)
+    out = model.predict_step({"text": ["bob sold car", "nothing"], "record": [{"line": 1}, {"line": 2}]}, 0)
+    assert out == [
+        {
+            "line": 1,
+            "text": "bob sold car",
+            "events": [
+                {"type": "Deal", "arguments": [{"role": "item", "text": "car"}, {"role": "trigger", "text": "sold"}]}
+            ],
+        },
+        {"line": 2, "text": "nothing", "events": []},
+    ]
+    monkeypatch.setattr(model, "max_length", 4)  # [CLS] bob sold [SEP]: "car" is cut off, and that is said
+    with pytest.warns(UserWarning, match=r"EventExtractor\.extract: 1 text\(s\) longer than max_length=4"):
+        assert model.extract(["bob sold car"]) == [{("Deal", frozenset({("trigger", "sold")}))}]  # no "car"
+
+
 def test_cli_fit_saves_the_model_directory_and_predict_writes_offsets(tiny: str, tmp_path: Path) -> None:
     from lightning_mtl.cli import main
 
