@@ -213,11 +213,11 @@ def test_from_pretrained_returns_eval_mode(ner, tmp_path: Path) -> None:
 # --- predict data, predict_step, writer, CLI ----------------------------------------------------------------------
 def test_read_texts_plain_lines_and_json_lines(tmp_path: Path) -> None:
     plain = tmp_path / "texts.txt"
-    plain.write_text("EU rejects\n\n  two  spaces \n")
+    plain.write_bytes(b"EU rejects\r\n\n  two \x0c spaces \n")  # CRLF, a blank line, a form feed
     assert read_texts(plain) == [
         {"text": "EU rejects", "record": {"line": 1}},
         {"text": "", "record": {"line": 2}},
-        {"text": "  two  spaces ", "record": {"line": 3}},
+        {"text": "  two \x0c spaces ", "record": {"line": 3}},
     ]
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text('{"id": "a", "text": "EU"}\n\n{"text": "Bob"}\n')
@@ -228,6 +228,9 @@ def test_read_texts_plain_lines_and_json_lines(tmp_path: Path) -> None:
     jsonl.write_text('{"text": "EU"}\n{"txt": "Bob"}\n')
     with pytest.raises(SpanFormatError, match=r"texts\.jsonl:2: expected a JSON object with a string \"text\""):
         read_texts(jsonl)
+    (tmp_path / "texts.json").write_text('[{"text": "EU"}]')
+    with pytest.raises(SpanFormatError, match=r"texts\.json: a JSON array; write one object per line"):
+        read_texts(tmp_path / "texts.json")
     jsonl.write_text('{"text": "EU"}\n{"text": \n')
     with pytest.raises(SpanFormatError, match=r"texts\.jsonl:2: not a JSON object"):
         read_texts(jsonl)

@@ -70,8 +70,11 @@ def read_texts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         ['EU rejects German call.', 'Peter Blackburn']
     """
     name = str(path)
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    content = Path(path).read_text(encoding="utf-8-sig")
+    lines = [line.removesuffix("\r") for line in content.removesuffix("\n").split("\n")] if content else []
     first = next((line.strip() for line in lines if line.strip()), "")
+    if first.startswith("[") and name.endswith(".json"):
+        raise SpanFormatError(f'{name}: a JSON array; write one object per line (JSON lines: {{"text": ...}}).')
     if not (name.endswith((".jsonl", ".json")) or first.startswith("{")):
         return [{"text": line, "record": {"line": n}} for n, line in enumerate(lines, 1)]
     items = []

@@ -10,9 +10,9 @@ Every span ``[i, j]`` of sub-word tokens gets one score per type; a span is an e
 Two ways in: :meth:`SpanExtractor.extract` takes pre-split words (CoNLL, LitBank) and returns word spans,
 :meth:`SpanExtractor.predict` takes raw strings and returns :class:`~lightning_gen.span.Entity` with character
 offsets, snapped to the tokenizer's words, and a score. Pre-split words are aligned to sub-words through the fast
-tokenizer's ``word_ids``
-(:mod:`lightning_gen.span.align`): a word span maps to the tokens from the first sub-word of its first word to the last
-sub-word of its last word, and a predicted token span maps back to the words owning its two ends. Sentences longer
+tokenizer's ``word_ids`` (:mod:`lightning_gen.span.align`): a word span maps to the tokens from the first sub-word of
+its first word to the last sub-word of its last word, and a predicted token span maps back to the words owning its two
+ends. Sentences longer
 than ``max_length`` sub-words are cut into overlapping windows of whole words; predictions of all windows are merged
 (union). Gold spans that no window holds are counted by the data module and stay in the gold set. Raw texts are
 windowed the same way (:func:`~lightning_gen.span.align.encode_text_windows`), spans found in two windows kept once.
