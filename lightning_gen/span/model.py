@@ -312,9 +312,10 @@ class SpanExtractor(PointerModule):
 
         Example::
 
-            >>> model.predict(["EU rejects German call."])
-            [[Entity(start=0, end=2, label='ORG', text='EU', score=0.97),
-              Entity(start=11, end=17, label='MISC', text='German', score=0.91)]]
+            >>> model.predict(["EU rejects German call to boycott British lamb."])  # 1 epoch on CoNLL-2003
+            [[Entity(start=0, end=2, label='ORG', text='EU', score=0.85...),
+              Entity(start=11, end=17, label='MISC', text='German', score=0.96...),
+              Entity(start=34, end=41, label='MISC', text='British', score=0.87...)]]
         """
         self._require_labels("predict")
         texts = check_texts("SpanExtractor.predict", texts)
