@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = model.save_pretrained(args.output_dir)
     print(f"saved to {out} (RelationExtractor.from_pretrained({str(out)!r}) loads it)")
+    text = "Alan Bean was born in Wheeler, Texas."
+    print(f"predict([{text!r}]):")
+    for r in model.predict([text])[0]:  # raw text in, character spans and scores out
+        s, o = r.subject, r.object
+        print(f"  ({s.text!r} {s.start}-{s.end}, {r.relation}, {o.text!r} {o.start}-{o.end}) {r.score:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python examples/ner_globalpointer.py --data ../shared/data/conll2003 --output-dir out/ner
     python examples/ner_globalpointer.py --data ../shared/data/litbank --output-dir out/ner-litbank
-    python -c "from lightning_gen import SpanExtractor as S; print(S.from_pretrained('out/ner').extract([['EU']]))"
+    python -c "from lightning_gen import SpanExtractor as S; print(S.from_pretrained('out/ner').predict(['EU won']))"
 
 The folder holds ``train.txt``/``dev.txt`` (CoNLL: token ... tag, IOB2) or ``train.data``/``dev.data`` (LitBank: token
 and one IOB2 layer per tab-separated column); the format is detected from the file (``--format`` forces it).
@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     print_scores(metrics, model.labels or [])
     out = model.save_pretrained(args.output_dir)
     print(f"saved to {out} (SpanExtractor.from_pretrained({str(out)!r}) loads it)")
+    text = "EU rejects German call to boycott British lamb."
+    print(f"predict([{text!r}]):")
+    for entity in model.predict([text])[0]:  # raw text in, character offsets and scores out
+        print(f"  {entity.start:>3} {entity.end:>3} {entity.label:<6} {entity.text!r} {entity.score:.2f}")
 
 
 if __name__ == "__main__":

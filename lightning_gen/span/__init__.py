@@ -1,8 +1,10 @@
 """Span extraction with GlobalPointer heads (Su, https://kexue.fm/archives/8877) and GPLinker
 (https://kexue.fm/archives/8888 relations, https://kexue.fm/archives/8926 events): the entity model
 (:class:`SpanExtractor`), the relation model (:class:`RelationExtractor`), the event model (:class:`EventExtractor`),
-their data modules and readers (CoNLL, LitBank, CasRel JSON, DuEE JSON), the metrics, and the event decoding by clique
-search. The heads and losses are generic and live in :mod:`lightning_mtl.heads` and :mod:`lightning_mtl.losses`.
+their data modules and readers (CoNLL, LitBank, CasRel JSON, DuEE JSON, raw texts to predict on), the metrics, the
+event decoding by clique search, what the raw-text API returns (:class:`Entity`, :class:`Relation`) and two callbacks
+(:class:`SavePretrained`, :class:`SpanPredictionWriter`). The heads and losses are generic and live in
+:mod:`lightning_mtl.heads` and :mod:`lightning_mtl.losses`.
 
 Names are imported lazily: the models need ``transformers`` (extra ``nlp``).
 """
@@ -32,6 +34,14 @@ _EXPORTS = {
     "Window": "align",
     "encode_words": "align",
     "find_occurrences": "align",
+    "TextEncoding": "align",
+    "encode_text_windows": "align",
+    "Entity": "outputs",
+    "Relation": "outputs",
+    "to_json": "outputs",
+    "read_texts": "datamodules",
+    "SavePretrained": "callbacks",
+    "SpanPredictionWriter": "callbacks",
 }
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -9,10 +9,13 @@ Two alignments, one per kind of input:
   words that own its two ends (:meth:`Window.word_span`). A span that no window contains whole (a span longer than a
   window, or crossing the cut between two windows beyond their overlap, or made only of words that the tokenizer
   turns into no sub-word) cannot be trained or predicted: the callers count it, never drop it silently.
-* **raw text** (relations, events): :func:`encode_texts` tokenizes with ``return_offsets_mapping``; a character span
-  maps to the tokens that overlap it (:func:`char_span_to_tokens`) and a token span back to the text between the
-  start of its first and the end of its last token (:func:`token_span_to_text`). Text beyond ``max_length`` is
-  truncated; a span that reaches past the last kept token is lost (and counted by the callers).
+* **raw text** (relations, events, and every model's ``predict``): :func:`encode_texts` tokenizes with
+  ``return_offsets_mapping``; a character span maps to the tokens that overlap it (:func:`char_span_to_tokens`) and a
+  token span back to characters snapped to whole words (:meth:`TextEncoding.char_span`: from the start of the word
+  owning its first token to the end of the word owning its last token, the words being the tokenizer's pre-tokenized
+  words, so a predicted span never starts or ends inside a word). :func:`encode_texts` truncates at ``max_length``
+  (the training data: a span past the last kept token is counted by the callers); :func:`encode_text_windows` cuts
+  a long text into overlapping windows of whole words instead (prediction), with offsets in the whole text.
 
 :func:`find_occurrences` locates an entity string in its text (the matching rule of
 :class:`~lightning_gen.span.RelationDataModule`).
@@ -21,6 +24,7 @@ Two alignments, one per kind of input:
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +33,7 @@ __all__ = [
     "TextEncoding",
     "Window",
     "char_span_to_tokens",
+    "encode_text_windows",
     "encode_texts",
     "encode_words",
     "find_occurrences",
@@ -163,17 +168,65 @@ def encode_words(
 
 @dataclass
 class TextEncoding:
-    """A tokenized text: ``input_ids``, ``offsets`` (character ``(start, end)`` per token) and ``special`` (True
-    for special tokens); ``kept_chars``: the end of the last kept token (text beyond it was truncated away)."""
+    """A tokenized text, or one window of it, with character offsets in the whole text.
+
+    Attributes:
+        input_ids: token ids, special tokens included.
+        offsets: character ``(start, end)`` of each token in the whole text (``(0, 0)`` for special tokens).
+        special: True for special tokens.
+        kept_chars: the end of the last kept token (text beyond it was truncated away or is in a later window).
+        word_ids: per token, the index of its word in the whole text (``None`` for special tokens); the words are the
+            tokenizer's pre-tokenized words (BERT: runs of letters/digits and single punctuation marks).
+        words: character ``(start, end)`` of every word of the whole text, by word index.
+        cut: a word longer than a window lost sub-words here (it cannot be represented whole).
+    """
 
     input_ids: list[int]
     offsets: list[tuple[int, int]]
     special: list[bool]
     kept_chars: int
+    word_ids: list[int | None] = field(default_factory=list)
+    words: Sequence[tuple[int, int]] = ()
+    cut: bool = False
+
+    def char_span(self, i: int, j: int) -> tuple[int, int] | None:
+        """Characters ``[start, end)`` of the token span ``i .. j`` (inclusive) snapped to whole words: from the start
+        of the word owning token ``i`` to the end of the word owning token ``j``; ``None`` for a special or padding
+        token or when ``i``'s word comes after ``j``'s. Without word information, the tokens' own offsets."""
+        n = len(self.offsets)
+        if not (0 <= i <= j < n) or self.special[i] or self.special[j]:
+            return None
+        if self.word_ids and self.words:
+            a, b = self.word_ids[i], self.word_ids[j]
+            if a is None or b is None or a > b:
+                return None
+            return self.words[a][0], self.words[b][1]
+        return self.offsets[i][0], self.offsets[j][1]
+
+
+def _word_chars(offsets: Sequence[tuple[int, int]], word_ids: Sequence[int | None]) -> list[tuple[int, int]]:
+    """Character span of every word, from the first to the last non-empty token it owns (a word without one: an empty
+    span at the end of the word before it)."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for (s, e), w in zip(offsets, word_ids, strict=True):
+        if w is not None and e > s:
+            first.setdefault(w, s)
+            last[w] = e
+    out: list[tuple[int, int]] = []
+    prev = 0
+    for w in range(max((w for w in word_ids if w is not None), default=-1) + 1):
+        if w in first:
+            prev = last[w]
+            out.append((first[w], prev))
+        else:
+            out.append((prev, prev))
+    return out
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[TextEncoding]:
-    """Tokenize raw texts with character offsets, truncated to ``max_length`` tokens (special tokens included)."""
+    """Tokenize raw texts with character offsets and words, truncated to ``max_length`` tokens (special tokens
+    included)."""
     check_fast(tokenizer)
     if not texts:
         return []
@@ -185,11 +238,106 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[
         return_special_tokens_mask=True,
     )
     out = []
-    for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"], strict=True):
+    for k, (ids, offsets, special) in enumerate(
+        zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
+    ):
         offsets = [tuple(o) for o in offsets]
         special = [bool(s) for s in special]
+        word_ids = [None if sp else w for w, sp in zip(enc.word_ids(k), special, strict=True)]
         ends = [e for (s, e), sp in zip(offsets, special, strict=True) if not sp and e > s]
-        out.append(TextEncoding(list(ids), offsets, special, max(ends, default=0)))
+        out.append(
+            TextEncoding(list(ids), offsets, special, max(ends, default=0), word_ids, _word_chars(offsets, word_ids))
+        )
+    return out
+
+
+def encode_text_windows(
+    tokenizer: Any, texts: Sequence[str], max_length: int, *, overlap: int = 8
+) -> list[list[TextEncoding]]:
+    """Tokenize raw texts and cut the long ones into overlapping windows of whole words (no truncation).
+
+    The words are the tokenizer's pre-tokenized words of the whole text. A text whose sub-words fit in ``max_length``
+    (special tokens included) is one window; a longer one is cut as :func:`encode_words` cuts a sentence: each window
+    takes as many whole words as fit, the next starts ``overlap`` words before the end of the previous one, so a span
+    of up to ``overlap`` words across a cut lies whole in the next window. A single word with more sub-words than fit
+    is cut (:attr:`TextEncoding.cut`: its end cannot be predicted). Offsets, ``word_ids`` and ``words`` refer to the
+    whole text, so spans found in two windows are equal.
+
+    Returns:
+        For each text its windows, in order (at least one).
+
+    Example::
+
+        >>> windows = encode_text_windows(tokenizer, ["EU rejects German call ."], max_length=128)
+        >>> windows[0][0].char_span(3, 3)  # token 3 is "german": characters (11, 17)
+    """
+    check_fast(tokenizer)
+    if overlap < 0:
+        raise ValueError(f"encode_text_windows: overlap must be >= 0, got {overlap}.")
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    if budget < 1:
+        raise ValueError(f"encode_text_windows: max_length={max_length} leaves no room for a sub-word.")
+    texts = list(texts)
+    if not texts:
+        return []
+    full = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    plans: list[tuple[int, int, int, bool]] = []  # (text, first word, end word, cut)
+    words_of: list[list[tuple[int, int]]] = []
+    for k in range(len(texts)):
+        offsets = [tuple(o) for o in full["offset_mapping"][k]]
+        word_ids = full.word_ids(k)
+        words = _word_chars(offsets, word_ids)
+        words_of.append(words)
+        pieces = [0] * len(words)
+        for w in word_ids:
+            if w is not None:
+                pieces[w] += 1
+        start, n = 0, len(words)
+        while True:
+            used, end = 0, start
+            while end < n and used + pieces[end] <= budget:
+                used += pieces[end]
+                end += 1
+            cut = end == start and start < n  # one word longer than a window: its own (cut) window
+            end = max(end, min(start + 1, n))
+            plans.append((k, start, end, cut))
+            if end >= n:
+                break
+            start = max(start + 1, end - overlap)
+    # each window: the text from the end of the word before it (a leading space matters to byte-level BPE) to the
+    # end of its last word, tokenized with special tokens; offsets shifted back into the whole text
+    spans = []
+    for k, a, b, _ in plans:
+        words = words_of[k]
+        lo = words[a - 1][1] if a > 0 else 0
+        hi = words[b - 1][1] if b > 0 else len(texts[k])
+        spans.append((lo, hi))
+    enc = tokenizer(
+        [texts[k][lo:hi] for (k, *_), (lo, hi) in zip(plans, spans, strict=True)],
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    out: list[list[TextEncoding]] = [[] for _ in texts]
+    for m, ((k, a, b, cut), (lo, _)) in enumerate(zip(plans, spans, strict=True)):
+        words = words_of[k]
+        starts = [s for s, _ in words]
+        special = [bool(x) for x in enc["special_tokens_mask"][m]]
+        offsets, word_ids = [], []
+        for (s, e), sp in zip(enc["offset_mapping"][m], special, strict=True):
+            if sp:
+                offsets.append((0, 0))
+                word_ids.append(None)
+                continue
+            s, e = s + lo, e + lo
+            offsets.append((s, e))
+            w = min(max(bisect_right(starts, s) - 1, a), max(b - 1, a))  # the word holding the token's first char
+            word_ids.append(w)
+        ends = [e for (s, e), sp in zip(offsets, special, strict=True) if not sp and e > s]
+        kept = max(ends, default=lo)
+        cut = cut or (b > a and kept < words[b - 1][1])
+        out[k].append(TextEncoding(list(enc["input_ids"][m]), offsets, special, kept, word_ids, words, cut))
     return out
 
 
@@ -207,11 +355,10 @@ def char_span_to_tokens(encoding: TextEncoding, start: int, end: int) -> tuple[i
 
 
 def token_span_to_text(encoding: TextEncoding, text: str, i: int, j: int) -> str | None:
-    """The text from the start of token ``i`` to the end of token ``j``, or ``None`` for a special/padding token."""
-    n = len(encoding.offsets)
-    if not (0 <= i <= j < n) or encoding.special[i] or encoding.special[j]:
-        return None
-    return text[encoding.offsets[i][0] : encoding.offsets[j][1]]
+    """The text of tokens ``i .. j`` snapped to whole words (:meth:`TextEncoding.char_span`), or ``None`` for a
+    special/padding token."""
+    span = encoding.char_span(i, j)
+    return None if span is None else text[span[0] : span[1]]
 
 
 def find_occurrences(entity: str, text: str) -> tuple[list[int], bool]:

@@ -13,10 +13,11 @@ Loading reads the JSON and the two ``.safetensors`` files and nothing else (no `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mtl._imports import needs_extra
-from lightning_mtl._utils import no_decay_groups, warmup_schedule
+from lightning_mtl._utils import eval_mode, no_decay_groups, warmup_schedule
 from lightning_mtl.heads import EfficientGlobalPointer, GlobalPointer
 from lightning_mtl.losses import multilabel_crossentropy, sparse_multilabel_crossentropy
 
@@ -64,6 +65,59 @@ def check_args(model: str, head: str, lr: float, head_lr: float | None, warmup_r
             f"{model}: need lr > 0, head_lr > 0 (or None), 0 <= warmup_ratio < 1 and max_length >= 4; got lr={lr}, "
             f"head_lr={head_lr}, warmup_ratio={warmup_ratio}, max_length={max_length}."
         )
+
+
+def check_label_list(model: str, name: str, value: Any) -> list[Any] | None:
+    """``value`` as a list, refusing a string (which ``list`` would split into characters) and non-iterables."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError(
+            f"{model}: {name} must be a list of labels, e.g. {name}=[{value!r}], got the string {value!r} "
+            "(it would be read as one label per character)."
+        )
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{model}: {name} must be a list of labels, got {type(value).__name__}.") from None
+
+
+def check_texts(method: str, texts: Any) -> list[str]:
+    """``texts`` as a list of strings; a single string or non-string items raise a ``TypeError`` naming ``method``."""
+    if isinstance(texts, str):
+        raise TypeError(
+            f"{method}: texts must be a list of strings, got one str ({texts[:40]!r}); wrap it: {method}([text])."
+        )
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"{method}: texts must be a list of strings, got {type(texts).__name__}.") from None
+    for k, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(
+                f"{method}: texts[{k}] must be a str (raw text), got {type(text).__name__}"
+                + (": pre-split words go to SpanExtractor.extract." if isinstance(text, (list, tuple)) else ".")
+            )
+    return texts
+
+
+def top_hits(scores: Tensor, threshold: float, limit: int) -> tuple[Tensor, Tensor, int]:
+    """Indices ``(K, scores.ndim)`` and values ``(K,)`` of the scores above ``threshold``, at most ``limit`` (the
+    highest) per index of the first dimension, and how many were left out."""
+    hits = (scores > threshold).nonzero()
+    if not hits.numel():
+        return hits, scores.new_zeros(0), 0
+    per_row = torch.bincount(hits[:, 0], minlength=scores.shape[0])
+    lost = int((per_row - limit).clamp_min(0).sum())
+    if lost:
+        keep = []
+        for b in range(scores.shape[0]):
+            rows = hits[hits[:, 0] == b]
+            if rows.shape[0] > limit:
+                rows = rows[scores[tuple(rows.T)].topk(limit).indices]
+            keep.append(rows)
+        hits = torch.cat(keep)
+    return hits, scores[tuple(hits.T)], lost
 
 
 def make_head(kind: str, hidden: int, num_types: int, head_size: int, *, rope: bool, tril_mask: bool) -> nn.Module:
@@ -157,6 +211,71 @@ class PointerModule(pl.LightningModule):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         check_fast(self.tokenizer)
 
+    def position_limit(self) -> int | None:
+        """The most tokens the encoder takes (its absolute position embeddings; RoBERTa-type encoders lose the
+        positions up to their padding index), or ``None`` when it has no such limit."""
+        config = self.model.config
+        limit = getattr(config, "max_position_embeddings", None)
+        if not isinstance(limit, int) or getattr(config, "position_biased_input", True) is False:
+            return None
+        padding_idx = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
+        return limit - padding_idx - 1 if isinstance(padding_idx, int) else limit
+
+    def _check_max_length(self, model: str, max_length: int) -> None:
+        limit = self.position_limit()
+        if limit is not None and max_length > limit:
+            raise ValueError(
+                f"{model}: max_length={max_length} is more than the encoder's {limit} positions "
+                f"(config.max_position_embeddings of {type(self.model).__name__}); use max_length <= {limit}: longer "
+                "inputs are cut into overlapping windows."
+            )
+
+    # --- inference ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _inference(self, device: str | torch.device | None) -> Iterator[None]:
+        """Move to ``device`` (if given), then run under ``torch.inference_mode`` in eval mode; every submodule gets
+        its training flag back afterwards."""
+        if device is not None:
+            self.to(device)
+        with torch.inference_mode(), eval_mode(self):
+            yield
+
+    def _text_batches(
+        self, texts: Sequence[str], batch_size: int, overlap: int
+    ) -> Iterator[tuple[list[int], list[Any], tuple[Tensor, Tensor, Tensor]]]:
+        """Windows of raw texts (:func:`~lightning_gen.span.align.encode_text_windows` at ``self.max_length``) in
+        batches of ``batch_size`` windows: ``(text index per window, windows, (input_ids, attention_mask,
+        span_mask) on this model's device)``. Warns once if a word longer than a window had to be cut."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from lightning_gen.span.align import encode_text_windows
+
+        if batch_size < 1:
+            raise ValueError(f"{type(self).__name__}.predict: batch_size must be >= 1, got {batch_size}.")
+        cut: list[int] = []
+        for start in range(0, len(texts), batch_size):
+            windows_of = encode_text_windows(
+                self.tokenizer, texts[start : start + batch_size], self.max_length, overlap=overlap
+            )
+            flat = [(start + k, w) for k, ws in enumerate(windows_of) for w in ws]
+            cut += sorted({k for k, w in flat if w.cut})
+            for b in range(0, len(flat), batch_size):
+                part = flat[b : b + batch_size]
+                windows = [w for _, w in part]
+                inputs = pad_batch(
+                    [w.input_ids for w in windows],
+                    [[not s for s in w.special] for w in windows],
+                    self.tokenizer.pad_token_id or 0,
+                )
+                yield [k for k, _ in part], windows, tuple(x.to(self.device) for x in inputs)  # type: ignore[misc]
+        if cut:
+            rank_zero_warn(
+                f"{type(self).__name__}.predict: {len(cut)} text(s) (first: texts[{cut[0]}]) hold a word of more "
+                f"sub-words than a window (max_length={self.max_length}); it was cut, and no span can end in its "
+                "lost part.",
+                category=UserWarning,
+            )
+
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
@@ -227,8 +346,9 @@ class PointerModule(pl.LightningModule):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], **overrides: Any) -> Any:
-        """Load what :meth:`save_pretrained` wrote (JSON and safetensors only). ``overrides`` replace saved
-        arguments that do not change the weights (e.g. ``lr``, ``threshold``, ``max_length``)."""
+        """Load what :meth:`save_pretrained` wrote (JSON and safetensors only), in eval mode (call ``.train()`` to
+        fine-tune further). ``overrides`` replace saved arguments that do not change the weights (e.g. ``lr``,
+        ``threshold``, ``max_length``)."""
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -253,7 +373,7 @@ class PointerModule(pl.LightningModule):
                 f"{cls.__name__}.from_pretrained: {WEIGHTS_FILE} does not match the model: missing {missing}, "
                 f"unexpected {unexpected}."
             )
-        return model
+        return model.eval()
 
 
 def labels_from_json(value: Any) -> Any:

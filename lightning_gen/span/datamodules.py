@@ -17,8 +17,10 @@ and the metrics need (windows, encodings, texts, gold sets).
 
 from __future__ import annotations
 
+import json
 import os
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -46,15 +48,66 @@ from lightning_gen.span.data import (
 )
 from lightning_mtl._imports import needs_extra
 
-__all__ = ["EventDataModule", "RelationDataModule", "SpanDataModule"]
+__all__ = ["EventDataModule", "RelationDataModule", "SpanDataModule", "read_texts"]
 
 Occurrence = Literal["first", "nearest"]
+
+
+def read_texts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    r"""Raw texts to predict on, one item per text: ``{"text": str, "record": {"line": n, ...}}``.
+
+    Two layouts, told apart by the file: **JSON lines** (a ``.jsonl``/``.json`` file, or one whose first non-blank
+    line starts with ``{``): one object per line with a string ``"text"``; its other fields are kept in ``record``
+    (ids, metadata) and blank lines are skipped. **Plain text**: one text per line, every line a text (a blank line is
+    an empty text, so outputs stay aligned with input lines). ``line`` is the 1-based line number.
+
+    Raises:
+        SpanFormatError: a JSON line that does not parse or has no string ``"text"``, named by ``file:line``.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "texts.txt")
+        >>> _ = open(path, "w").write("EU rejects German call.\nPeter Blackburn\n")
+        >>> [item["text"] for item in read_texts(path)]
+        ['EU rejects German call.', 'Peter Blackburn']
+    """
+    name = str(path)
+    content = Path(path).read_text(encoding="utf-8-sig")
+    lines = [line.removesuffix("\r") for line in content.removesuffix("\n").split("\n")] if content else []
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if first.startswith("[") and name.endswith(".json"):
+        raise SpanFormatError(f'{name}: a JSON array; write one object per line (JSON lines: {{"text": ...}}).')
+    if not (name.endswith((".jsonl", ".json")) or first.startswith("{")):
+        return [{"text": line, "record": {"line": n}} for n, line in enumerate(lines, 1)]
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SpanFormatError(
+                f'{name}:{n}: not a JSON object ({err.msg}); expected one {{"text": ...}} per line, or a plain text '
+                "file with one text per line."
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise SpanFormatError(f'{name}:{n}: expected a JSON object with a string "text", got {line[:60]!r}.')
+        text = record.pop("text")
+        items.append({"text": text, "record": {"line": n, **record}})
+    return items
+
+
+def _collate_texts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"text": [it["text"] for it in items], "record": [it["record"] for it in items]}
 
 
 class _Base(pl.LightningDataModule):
     """Tokenizer and settings from the attached model unless given; loaders; the load-once guard."""
 
     name = "span data"
+    #: raw texts for ``trainer.predict`` (:func:`read_texts`); set by the subclasses' ``predict_file``
+    predict_file: str | None = None
 
     def __init__(
         self,
@@ -114,6 +167,9 @@ class _Base(pl.LightningDataModule):
         return [(split, path, limit) for split, path, limit in splits if path]
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":  # only the texts to predict on: no training data, no tokenizer needed here
+            self._load_predict()
+            return
         if self._loaded:
             return
         self._load()
@@ -137,6 +193,27 @@ class _Base(pl.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=partial(type(self).collate, pad_id=self._tok.pad_token_id or 0),
+        )
+
+    def _load_predict(self) -> list[dict[str, Any]]:
+        if "predict" not in self.datasets:
+            if not self.predict_file:
+                raise ValueError(
+                    f"{type(self).__name__}: no predict data; pass predict_file=PATH (one text per line, or JSON lines "
+                    'with a "text" field), e.g. `lightning-mtl predict ... --data.predict_file texts.txt`.'
+                )
+            self.datasets["predict"] = read_texts(self.predict_file)
+        return self.datasets["predict"]
+
+    def predict_dataloader(self) -> DataLoader:
+        """The texts of ``predict_file`` in order, batches of ``{"text": [...], "record": [...]}`` (the models'
+        ``predict_step`` tokenizes and windows them)."""
+        return DataLoader(
+            self._load_predict(),  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_collate_texts,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -171,6 +248,8 @@ class SpanDataModule(_Base):
         limit_train, limit_val: read only the first N sentences (quick runs).
         num_workers: DataLoader workers.
         tokenizer: a fast tokenizer or its path; default: the model's.
+        predict_file: raw texts for ``trainer.predict`` / ``lightning-mtl predict`` (:func:`read_texts`: one text
+            per line, or JSON lines with ``"text"``); the model's ``predict_step`` returns character offsets.
 
     Attributes:
         report: the :class:`~lightning_gen.span.DataReport` of the last load.
@@ -191,8 +270,10 @@ class SpanDataModule(_Base):
         limit_val: int | None = None,
         num_workers: int = 0,
         tokenizer: Any = None,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__(train, val, batch_size, max_length, limit_train, limit_val, num_workers, tokenizer)
+        self.predict_file = predict_file
         self.format = format
         self.labels = list(labels) if labels is not None else None
         self.window_overlap = window_overlap
@@ -319,7 +400,8 @@ class RelationDataModule(_TextBase):
         match: the metric setting, ``"partial"`` (last word, WebNLG*) or ``"exact"`` (WebNLG); default: the model's,
             else ``"partial"`` when every training entity is a single word (the partial-match data), else ``"exact"``.
         occurrence: ``"first"`` or ``"nearest"`` (see above).
-        batch_size, max_length, limit_train, limit_val, num_workers, tokenizer: as :class:`SpanDataModule`.
+        batch_size, max_length, limit_train, limit_val, num_workers, tokenizer, predict_file: as
+            :class:`SpanDataModule`.
 
     Attributes:
         report: the :class:`~lightning_gen.span.DataReport` of the last load.
@@ -340,8 +422,10 @@ class RelationDataModule(_TextBase):
         limit_val: int | None = None,
         num_workers: int = 0,
         tokenizer: Any = None,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__(train, val, batch_size, max_length, limit_train, limit_val, num_workers, tokenizer)
+        self.predict_file = predict_file
         if match not in (None, "partial", "exact") or occurrence not in ("first", "nearest"):
             raise ValueError(
                 f"RelationDataModule: match must be 'partial', 'exact' or None and occurrence 'first' or 'nearest', "
@@ -452,7 +536,8 @@ class EventDataModule(_TextBase):
     Args:
         train, val: DuEE JSON lines (or a JSON array).
         labels: the ``(event type, role)`` classes; default: the model's, else those of the training file, sorted.
-        batch_size, max_length, limit_train, limit_val, num_workers, tokenizer: as :class:`SpanDataModule`.
+        batch_size, max_length, limit_train, limit_val, num_workers, tokenizer, predict_file: as
+            :class:`SpanDataModule`.
 
     Attributes:
         report: the :class:`~lightning_gen.span.DataReport` of the last load.
@@ -470,8 +555,10 @@ class EventDataModule(_TextBase):
         limit_val: int | None = None,
         num_workers: int = 0,
         tokenizer: Any = None,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__(train, val, batch_size, max_length, limit_train, limit_val, num_workers, tokenizer)
+        self.predict_file = predict_file
         self.labels = [tuple(x) for x in labels] if labels is not None else None
 
     def _load(self) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_gen.span.align import TextEncoding, encode_texts, token_span_to_text
@@ -27,6 +28,8 @@ from lightning_gen.span.base import (
     Head,
     PointerModule,
     check_args,
+    check_label_list,
+    check_texts,
     labels_from_json,
     make_head,
     pad_batch,
@@ -96,9 +99,10 @@ class EventExtractor(PointerModule):
     ) -> None:
         super().__init__()
         check_args("EventExtractor", head, lr, head_lr, warmup_ratio, max_length)
-        labels = labels_from_json(labels)
+        labels = labels_from_json(check_label_list("EventExtractor", "labels", labels))
         self.save_hyperparameters()
         self._init_encoder(model_name_or_path)
+        self._check_max_length("EventExtractor", max_length)
         self.labels: list[tuple[str, str]] | None = None
         self.max_length, self.threshold, self.max_arguments = max_length, threshold, max_arguments
         self.metric, self.event_metric = TripleF1("exact"), TripleF1("exact")
@@ -202,18 +206,50 @@ class EventExtractor(PointerModule):
 
     @torch.no_grad()
     def extract(self, texts: Sequence[str], batch_size: int = 32) -> list[set[Event]]:
-        """Events of each text: a set of ``(event_type, frozenset({(role, argument), ...}))``."""
+        """Events of each text: a set of ``(event_type, frozenset({(role, argument), ...}))``, the arguments as they
+        appear in the text, snapped to whole words. Texts are truncated to ``max_length`` tokens (with a warning).
+
+        Raises:
+            TypeError: ``texts`` is one string (wrap it in a list), or an item is not a string.
+        """
         if self.labels is None:
             raise RuntimeError("EventExtractor.extract: the label set is not known yet; train or load first.")
+        texts = check_texts("EventExtractor.extract", texts)
         results: list[set[Event]] = []
+        truncated = 0
         with eval_mode(self):
             for start in range(0, len(texts), batch_size):
                 chunk = list(texts[start : start + batch_size])
                 encodings = encode_texts(self.tokenizer, chunk, self.max_length)
+                truncated += sum(1 for e, t in zip(encodings, chunk, strict=True) if e.kept_chars < len(t.rstrip()))
                 inputs = pad_batch(
                     [e.input_ids for e in encodings],
                     [[not s for s in e.special] for e in encodings],
                     self.tokenizer.pad_token_id or 0,
                 )
                 results += self._decode(self(*(x.to(self.device) for x in inputs)), encodings, chunk)
+        if truncated:
+            rank_zero_warn(
+                f"EventExtractor.extract: {truncated} text(s) longer than max_length={self.max_length} tokens were "
+                "truncated: no argument is found in the lost part.",
+                category=UserWarning,
+            )
         return results
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """``trainer.predict`` on a data module's predict data (``predict_file=``): per text its input fields and
+        ``"events"``, each ``{"type", "arguments": [{"role", "text"}, ...]}`` (argument strings, as :meth:`extract`;
+        texts are truncated to ``max_length`` tokens)."""
+        texts = check_texts("EventExtractor.predict_step", batch["text"])
+        events = self.extract(texts, batch_size=max(1, len(texts)))
+        return [
+            {
+                **record,
+                "text": text,
+                "events": [
+                    {"type": etype, "arguments": [{"role": r, "text": a} for r, a in sorted(roles)]}
+                    for etype, roles in sorted(found, key=lambda ev: (ev[0], sorted(ev[1])))
+                ],
+            }
+            for record, text, found in zip(batch["record"], texts, events, strict=True)
+        ]

@@ -13,7 +13,10 @@ sparse multi-label cross-entropy, summed over its types and averaged over the ba
 ``globalpointer_crossentropy``); the three losses go through :func:`lightning_mtl.task_losses` as the tasks
 ``entity``, ``head`` and ``tail``, with the encoder's hidden states as shared features, so
 :class:`~lightning_mtl.callbacks.MultiTaskGradient` can balance them (without a callback they are summed, as in the
-article). Decoding (:func:`decode_relations`) keeps a quintuple iff all four scores are > 0.
+article). Decoding (:func:`decode_relations`) keeps a quintuple iff all four scores are > 0; its subject and object
+are snapped to whole words (:meth:`~lightning_gen.span.align.TextEncoding.char_span`: a span never starts or ends
+inside a word). :meth:`RelationExtractor.predict` returns :class:`~lightning_gen.span.Relation` with character spans
+and a score, windowing long texts.
 """
 
 from __future__ import annotations
@@ -22,12 +25,21 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_gen.span.align import TextEncoding, encode_texts, token_span_to_text
-from lightning_gen.span.base import Head, PointerModule, check_args, make_head, pad_batch, pointer_loss
+from lightning_gen.span.align import TextEncoding
+from lightning_gen.span.base import (
+    Head,
+    PointerModule,
+    check_args,
+    check_label_list,
+    check_texts,
+    make_head,
+    pointer_loss,
+)
 from lightning_gen.span.metrics import TripleF1
-from lightning_mtl._utils import eval_mode
+from lightning_gen.span.outputs import Entity, Relation, to_json
 from lightning_mtl.tasks import task_losses
 
 __all__ = ["RelationExtractor", "decode_relations"]
@@ -101,8 +113,18 @@ class RelationExtractor(PointerModule):
         match: the triple metric: ``"partial"`` (last word of subject and object: WebNLG*) or ``"exact"``
             (WebNLG). ``None``: the data module's.
         lr, head_lr, weight_decay, warmup_ratio: as :class:`~lightning_gen.span.SpanExtractor`.
-        max_length: tokens per text (longer texts are truncated; triples beyond are counted by the data module).
+        max_length: tokens per window, special tokens included. Training data are truncated there (triples beyond
+            are counted by the data module); :meth:`predict` and :meth:`extract` cut longer texts into windows.
         threshold: score threshold of all four terms (0 in the article).
+        window_overlap: words shared by consecutive windows of a long text (:meth:`predict`): a triple whose two
+            entities are further apart than a window holds cannot be found.
+        max_entities: at most this many subjects and as many objects (the highest-scored) per window enter the
+            pairing (:func:`decode_relations`), a guard for untrained models; those left out are counted and
+            reported with a warning.
+
+    Raises:
+        TypeError: ``relations`` given as a string, or not a list.
+        ValueError: ``max_length`` above the encoder's positions.
 
     Validation logs triple-level ``val/precision``, ``val/recall``, ``val/f1`` in the ``match`` setting and
     ``val/loss``.
@@ -115,6 +137,7 @@ class RelationExtractor(PointerModule):
         balance = MultiTaskGradient(mtl.GradNormalize(), mode="representation")
         L.Trainer(max_epochs=2, callbacks=[balance]).fit(model, data)
         model.extract(["Alan Bean was born in Wheeler , Texas ."])  # [{('Bean', 'birthPlace', 'Texas'), ...}]
+        model.predict(["Alan Bean was born in Wheeler, Texas."])  # [[Relation(subject=Entity(5, 9, ...), ...)]]
     """
 
     _EXPORT = (
@@ -128,6 +151,8 @@ class RelationExtractor(PointerModule):
         "warmup_ratio",
         "max_length",
         "threshold",
+        "window_overlap",
+        "max_entities",
     )
 
     def __init__(
@@ -143,18 +168,29 @@ class RelationExtractor(PointerModule):
         warmup_ratio: float = 0.0,
         max_length: int = 128,
         threshold: float = 0.0,
+        window_overlap: int = 32,
+        max_entities: int = 256,
     ) -> None:
         super().__init__()
         check_args("RelationExtractor", head, lr, head_lr, warmup_ratio, max_length)
+        relations = check_label_list("RelationExtractor", "relations", relations)
+        if window_overlap < 0 or max_entities < 1:
+            raise ValueError(
+                f"RelationExtractor: need window_overlap >= 0 and max_entities >= 1, got {window_overlap} and "
+                f"{max_entities}."
+            )
         if match not in (None, "partial", "exact"):
             raise ValueError(f"RelationExtractor: match must be 'partial', 'exact' or None, got {match!r}.")
         if relations is not None and len(set(relations)) != len(relations):
             raise ValueError("RelationExtractor: relations must be distinct.")
         self.save_hyperparameters()
         self._init_encoder(model_name_or_path)
+        self._check_max_length("RelationExtractor", max_length)
         self.relations: list[str] | None = None
         self.match = match
         self.max_length, self.threshold = max_length, threshold
+        self.window_overlap, self.max_entities = window_overlap, max_entities
+        self._lost_entities = 0
         if relations is not None:
             self._build(list(relations))
 
@@ -175,6 +211,8 @@ class RelationExtractor(PointerModule):
         dm = getattr(self.trainer, "datamodule", None)
         if self.relations is None:
             relations = getattr(dm, "relations", None)
+            if not relations and stage == "predict":
+                return  # the relations come with the checkpoint (on_load_checkpoint)
             if not relations:
                 raise ValueError(
                     "RelationExtractor(relations=None) takes its relations from the data module at setup, but there "
@@ -218,7 +256,20 @@ class RelationExtractor(PointerModule):
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=n)
         return total
 
-    def _decode(self, out: tuple[Tensor, ...], encodings: Sequence[TextEncoding], texts: Sequence[str]) -> list[set]:
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Build the pointers from the checkpoint's relation set when the model was made without one."""
+        hparams = checkpoint.get("hyper_parameters", {})
+        if self.relations is None and hparams.get("relations"):
+            self._build(list(hparams["relations"]))
+        if self.match is None and hparams.get("match"):
+            self.match = hparams["match"]
+            self.metric = TripleF1(self.match)
+
+    def _decode_relations(
+        self, out: tuple[Tensor, ...], encodings: Sequence[TextEncoding], texts: Sequence[str]
+    ) -> list[dict[tuple[int, int, str, int, int], Relation]]:
+        """Per input the triples found, keyed by ``(subject start, subject end, relation, object start, object
+        end)`` in characters (snapped to words)."""
         assert self.relations is not None
         entity, head, tail = (x.float() for x in out[:3])
         results = []
@@ -226,14 +277,38 @@ class RelationExtractor(PointerModule):
             n = len(enc.input_ids)
             valid = torch.tensor([not s for s in enc.special], device=entity.device)
             e, h, t = entity[b, :, :n, :n], head[b, :, :n, :n], tail[b, :, :n, :n]
-            found = decode_relations(e, h, t, valid, self.threshold)
-            triples = set()
-            for sh, st, p, oh, ot in found:
-                s, o = token_span_to_text(enc, text, sh, st), token_span_to_text(enc, text, oh, ot)
-                if s is not None and o is not None:
-                    triples.add((s, self.relations[p], o))
-            results.append(triples)
+            pair_ok = valid[:, None] & valid[None, :]
+            self._lost_entities += int(
+                ((e > self.threshold) & pair_ok).sum((1, 2)).sub(self.max_entities).clamp_min(0).sum()
+            )
+            found: dict[tuple[int, int, str, int, int], Relation] = {}
+            for sh, st, p, oh, ot in decode_relations(e, h, t, valid, self.threshold, self.max_entities):
+                s, o = enc.char_span(sh, st), enc.char_span(oh, ot)
+                if s is None or o is None:
+                    continue
+                es, eo, hh, tt = (float(x) for x in (e[0, sh, st], e[1, oh, ot], h[p, sh, oh], t[p, st, ot]))
+                subject = Entity(s[0], s[1], "subject", text[s[0] : s[1]], _sigmoid(es))
+                obj = Entity(o[0], o[1], "object", text[o[0] : o[1]], _sigmoid(eo))
+                key = (s[0], s[1], self.relations[p], o[0], o[1])
+                found[key] = Relation(subject, self.relations[p], obj, _sigmoid(min(es, eo, hh, tt)))
+            results.append(found)
         return results
+
+    def _decode(self, out: tuple[Tensor, ...], encodings: Sequence[TextEncoding], texts: Sequence[str]) -> list[set]:
+        return [
+            {(r.subject.text, r.relation, r.object.text) for r in found.values()}
+            for found in self._decode_relations(out, encodings, texts)
+        ]
+
+    def _warn_lost(self, where: str) -> None:
+        if self._lost_entities:
+            rank_zero_warn(
+                f"RelationExtractor.{where}: {self._lost_entities} subject/object spans above the threshold were left "
+                f"out of the pairing: a window had more than max_entities={self.max_entities} (only the highest-scored "
+                "were kept; an untrained model?). Raise max_entities to keep them.",
+                category=UserWarning,
+            )
+        self._lost_entities = 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses, out = self._losses(batch)
@@ -244,25 +319,91 @@ class RelationExtractor(PointerModule):
     def on_validation_epoch_end(self) -> None:
         values = {f"val/{k}": v for k, v in self.metric.compute().items()}
         self.metric.reset()
+        self._warn_lost("validation")
         self.log_dict(values, prog_bar=True, add_dataloader_idx=False)
 
     # --- inference ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def extract(self, texts: Sequence[str], batch_size: int = 32) -> list[set[tuple[str, str, str]]]:
-        """Triples ``(subject, relation, object)`` of each text, the entities as they appear in the text (from the
-        start of their first to the end of their last token). Texts are truncated to ``max_length`` tokens."""
+    def _require_relations(self, method: str) -> list[str]:
         if self.relations is None:
-            raise RuntimeError("RelationExtractor.extract: the relation set is not known yet; train or load first.")
-        results: list[set[tuple[str, str, str]]] = []
-        with eval_mode(self):
-            for start in range(0, len(texts), batch_size):
-                chunk = list(texts[start : start + batch_size])
-                encodings = encode_texts(self.tokenizer, chunk, self.max_length)
-                inputs = pad_batch(
-                    [e.input_ids for e in encodings],
-                    [[not s for s in e.special] for e in encodings],
-                    self.tokenizer.pad_token_id or 0,
-                )
-                out = self(*(x.to(self.device) for x in inputs))
-                results += self._decode(out, encodings, chunk)
-        return results
+            raise RuntimeError(f"RelationExtractor.{method}: the relation set is not known yet; train or load first.")
+        return self.relations
+
+    def extract(self, texts: Sequence[str], batch_size: int = 32) -> list[set[tuple[str, str, str]]]:
+        """Triples ``(subject, relation, object)`` of each text, the entities as they appear in the text (whole
+        words: from the start of the word of their first token to the end of the word of their last). Long texts
+        are windowed as in :meth:`predict`, which also gives character offsets and scores.
+
+        Raises:
+            TypeError: ``texts`` is one string (wrap it in a list), or an item is not a string.
+        """
+        self._require_relations("extract")
+        texts = check_texts("RelationExtractor.extract", texts)
+        with self._inference(None):
+            found = self._predict_texts(texts, batch_size, None)
+        self._warn_lost("extract")
+        return [{(r.subject.text, r.relation, r.object.text) for r in rels} for rels in found]
+
+    def predict(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        threshold: float | None = None,
+    ) -> list[list[Relation]]:
+        """Relations of raw texts: per text a list of :class:`~lightning_gen.span.Relation` ``(subject, relation,
+        object, score)``, subject and object :class:`~lightning_gen.span.Entity` with character offsets
+        (``text == texts[i][start:end]``) snapped to whole words, sorted by position.
+
+        Texts longer than ``max_length`` tokens are cut into windows of whole words overlapping by
+        ``window_overlap`` words; a triple found in two windows is returned once (with its higher score); a word
+        longer than a window is cut, with a warning. Runs under ``torch.inference_mode`` in eval mode and gives every
+        submodule its training flag back.
+
+        Args:
+            texts: raw strings (a list, even for one text).
+            batch_size: windows per forward pass.
+            device: move the model there first (it stays there); default: where it is.
+            threshold: threshold of the four scores for this call (default: the model's ``threshold``).
+
+        Raises:
+            TypeError: ``texts`` is one string, or an item is not a string.
+        """
+        self._require_relations("predict")
+        texts = check_texts("RelationExtractor.predict", texts)
+        with self._inference(device):
+            out = self._predict_texts(texts, batch_size, threshold)
+        self._warn_lost("predict")
+        return out
+
+    def _predict_texts(self, texts: list[str], batch_size: int, threshold: float | None) -> list[list[Relation]]:
+        self._require_relations("predict")
+        saved = self.threshold
+        self.threshold = saved if threshold is None else threshold
+        found: list[dict[tuple[int, int, str, int, int], Relation]] = [{} for _ in texts]
+        try:
+            for owner, windows, inputs in self._text_batches(texts, batch_size, self.window_overlap):
+                out = self(*inputs)
+                decoded = self._decode_relations(out, windows, [texts[k] for k in owner])
+                for k, rels in zip(owner, decoded, strict=True):
+                    for key, rel in rels.items():
+                        if key not in found[k] or rel.score > found[k][key].score:
+                            found[k][key] = rel
+        finally:
+            self.threshold = saved
+        return [[rels[key] for key in sorted(rels)] for rels in found]
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """``trainer.predict`` on a data module's predict data (``predict_file=``): per text a JSON-ready record,
+        its input fields and ``"relations"``, each ``{"subject": {...}, "relation", "object": {...}, "score"}``
+        with character offsets (see :meth:`predict`)."""
+        texts = check_texts("RelationExtractor.predict_step", batch["text"])
+        relations = self._predict_texts(texts, max(1, len(texts)), None)
+        self._warn_lost("predict_step")
+        return [
+            {**record, "text": text, "relations": [to_json(r) for r in found]}
+            for record, text, found in zip(batch["record"], texts, relations, strict=True)
+        ]
+
+
+def _sigmoid(x: float) -> float:
+    return float(torch.sigmoid(torch.tensor(x, dtype=torch.float64)))
