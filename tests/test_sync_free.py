@@ -225,3 +225,56 @@ def test_off_the_host_a_non_positive_sigma_gives_nan_instead_of_a_sync(monkeypat
     with accelerator_paths(monkeypatch):
         out = exact_loss(mu, torch.tensor([1.0, 0.0, 1.0]), target, reduction="none")
     assert out.isnan().tolist() == [False, True, False]
+
+
+# --- the span models' training step -------------------------------------------------------------------------------
+def _span_fit(kind: str, tiny: str, tmp_path, monkeypatch) -> int:
+    """Three steps of a span model with every step after the first checked: the heads, the loss targets (built by the
+    data module's loader and moved with the batch) and the losses. The encoder is Hugging Face's: its
+    own checks (e.g. whether an attention mask is all ones) run outside the check."""
+    import json
+
+    import lightning as L
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from lightning_gen.span import RelationDataModule, RelationExtractor, SpanDataModule, SpanExtractor
+    from tests.test_span_data import CONLL
+    from tests.test_span_models import RELATIONS
+
+    L.seed_everything(0)
+    callbacks: list = []
+    if kind == "relations":
+        (tmp_path / "train.json").write_text(json.dumps(RELATIONS))
+        model = RelationExtractor(model_name_or_path=tiny, head_size=8)
+        data = RelationDataModule(train=str(tmp_path / "train.json"), val=str(tmp_path / "train.json"), batch_size=1)
+        callbacks.append(MultiTaskGradient(mtl.GradNormalize(), mode="representation"))
+    else:
+        (tmp_path / "train.txt").write_text(CONLL)
+        model = SpanExtractor(model_name_or_path=tiny, head_size=8, loss=kind)
+        data = SpanDataModule(train=str(tmp_path / "train.txt"), val=str(tmp_path / "train.txt"), batch_size=1)
+    encode = model.encode
+
+    def hugging_face_encoder(*args, **kwargs):
+        with _disable_current_modes():
+            return encode(*args, **kwargs)
+
+    model.encode = hugging_face_encoder
+    steps = {"n": 0}
+
+    class Count(mtl_callback_base()):
+        def on_train_batch_end(self, *a, **k) -> None:
+            steps["n"] += 1
+
+    check_hooks(model, ("training_step",), active=lambda: steps["n"] >= 1)
+    with accelerator_paths(monkeypatch):
+        trainer(
+            callbacks=[*callbacks, Count()], max_steps=3, log_every_n_steps=1000, limit_val_batches=0, max_epochs=3
+        ).fit(model, data)
+    return steps["n"]
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "relations"])
+def test_span_training_step_is_sync_free(kind, tmp_path, monkeypatch):
+    from tests.test_span_data import make_tiny_encoder
+
+    assert _span_fit(kind, make_tiny_encoder(tmp_path / "encoder"), tmp_path, monkeypatch) == 3

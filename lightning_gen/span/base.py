@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_mtl._imports import needs_extra
 from lightning_mtl._utils import eval_mode, no_decay_groups, warmup_schedule
@@ -158,17 +159,49 @@ def sparse_targets(pairs: Sequence[Pairs], num_types: int, n: int, device: torch
     return index.to(device)
 
 
-def pointer_loss(scores: Tensor, pairs: Sequence[Pairs], *, sparse: bool, per_type: Literal["mean", "sum"]) -> Tensor:
+def pointer_targets(pairs: Sequence[Pairs], num_types: int, n: int, *, sparse: bool) -> Tensor:
+    """The loss targets of :func:`pointer_loss` on the host: :func:`sparse_targets` or :func:`dense_targets`."""
+    cpu = torch.device("cpu")
+    return sparse_targets(pairs, num_types, n, cpu) if sparse else dense_targets(pairs, num_types, n, cpu)
+
+
+def pointer_loss(
+    scores: Tensor, targets: Tensor | Sequence[Pairs], *, sparse: bool, per_type: Literal["mean", "sum"]
+) -> Tensor:
     """Multi-label cross-entropy of ``scores (B, T, n, n)`` over the ``n²`` pairs of each type (one row per
     ``(b, t)``): ``per_type="mean"`` averages the ``B·T`` rows (the GlobalPointer NER code), ``"sum"`` sums over
-    types and averages over the batch (GPLinker's ``globalpointer_crossentropy``)."""
+    types and averages over the batch (GPLinker's ``globalpointer_crossentropy``).
+
+    ``targets``: the tensor of :func:`pointer_targets`, already on ``scores``' device (the span data modules build
+    it in their loaders, so that it travels with the batch), or the per-input ``(type, i, j)`` pairs, made into
+    targets here and copied to the device."""
     _, t, n, _ = scores.shape
     flat = scores.flatten(-2)
+    if not isinstance(targets, Tensor):
+        targets = pointer_targets(targets, t, n, sparse=sparse).to(scores.device)
     if sparse:
-        rows = sparse_multilabel_crossentropy(flat, sparse_targets(pairs, t, n, scores.device), reduction="none")
+        rows = sparse_multilabel_crossentropy(flat, targets, reduction="none")
     else:
-        rows = multilabel_crossentropy(flat, dense_targets(pairs, t, n, scores.device).flatten(-2), reduction="none")
+        rows = multilabel_crossentropy(flat, targets.flatten(-2), reduction="none")
     return rows.mean() if per_type == "mean" else rows.sum(1).mean()
+
+
+def target_of(batch: dict[str, Any], key: str) -> Tensor | Sequence[Pairs]:
+    """The loss targets of pointer ``key``: built by the data module's loader if it knew the layout, else the pairs."""
+    return batch.get(f"{key}_target", batch[key])
+
+
+def collate_with_targets(
+    items: list[dict[str, Any]], *, collate: Any, pad_id: int, targets: dict[str, tuple[int, bool]]
+) -> dict[str, Any]:
+    """``collate(items, pad_id)`` plus the loss target of each pointer in ``targets`` (key -> (types, sparse)), as
+    ``batch["<key>_target"]``: built here, in the loader (a worker process with ``num_workers``), not in the step."""
+    batch = collate(items, pad_id)
+    n = batch["input_ids"].shape[-1]
+    for key, (num_types, sparse) in targets.items():
+        if key in batch:
+            batch[f"{key}_target"] = pointer_targets(batch[key], num_types, n, sparse=sparse)
+    return batch
 
 
 def pad_batch(
@@ -197,6 +230,33 @@ class PointerModule(pl.LightningModule):
 
     _EXPORT: ClassVar[tuple[str, ...]] = ()
     _HEAD_PREFIXES: ClassVar[tuple[str, ...]] = ()
+    #: batch key of a pointer's gold pairs -> the attribute of the head that scores them
+    _POINTERS: ClassVar[dict[str, str]] = {}
+
+    def _sparse_loss(self) -> bool:
+        """Whether the pointers are trained with the sparse loss (targets of positive indices) or the dense one."""
+        return True
+
+    def pointer_layout(self) -> dict[str, tuple[int, bool]]:
+        """Batch key of each pointer's gold pairs -> (number of types, sparse loss?): what a data module needs to build
+        the loss targets itself (see :meth:`on_fit_start`)."""
+        out = {}
+        for key, head in self._POINTERS.items():
+            module = getattr(self, head, None)
+            if module is not None:
+                out[key] = (module.num_types, self._sparse_loss())
+        return out
+
+    @override
+    def on_fit_start(self) -> None:
+        """Hand the data module the pointers' target layout, so that its loaders build the loss targets on the host
+        (``batch["<key>_target"]``, read by :func:`target_of`) and Lightning moves them to the device with the rest
+        of the batch (asynchronously from pinned memory on a GPU): the training step then builds nothing from Python
+        data and copies nothing. A data module without ``pointer_targets`` leaves it to :func:`pointer_loss`."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and isinstance(getattr(datamodule, "pointer_targets", None), dict):
+            datamodule.pointer_targets.clear()  # in place: loaders made before (Lightning counts the batches early)
+            datamodule.pointer_targets.update(self.pointer_layout())  # read it at each batch
 
     def _init_encoder(self, model_name_or_path: str | None) -> None:
         with needs_extra(type(self).__name__):

@@ -33,7 +33,7 @@ from lightning_gen.span.align import (
     encode_words,
     find_occurrences,
 )
-from lightning_gen.span.base import pad_batch
+from lightning_gen.span.base import collate_with_targets, pad_batch
 from lightning_gen.span.data import (
     TRIGGER,
     DataReport,
@@ -130,6 +130,9 @@ class _Base(pl.LightningDataModule):
         self.tokenizer = tokenizer
         self.report = DataReport()
         self.datasets: dict[str, list[dict[str, Any]]] = {}
+        #: the model's pointer layout (key -> (types, sparse)), set at ``fit`` start: the loaders then build the loss
+        #: targets, so that they reach the device with the batch instead of being made in the training step
+        self.pointer_targets: dict[str, tuple[int, bool]] = {}
         self._loaded = False
 
     def _model(self) -> Any:
@@ -192,7 +195,12 @@ class _Base(pl.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=partial(type(self).collate, pad_id=self._tok.pad_token_id or 0),
+            collate_fn=partial(
+                collate_with_targets,
+                collate=type(self).collate,
+                pad_id=self._tok.pad_token_id or 0,
+                targets=self.pointer_targets,  # the dict itself: the model fills it in at fit start
+            ),
         )
 
     def _load_predict(self) -> list[dict[str, Any]]:

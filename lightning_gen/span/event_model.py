@@ -17,7 +17,7 @@ in the DuEE format (:func:`~lightning_gen.span.read_duee`), which is GPLinker's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -34,6 +34,7 @@ from lightning_gen.span.base import (
     make_head,
     pad_batch,
     pointer_loss,
+    target_of,
 )
 from lightning_gen.span.data import TRIGGER
 from lightning_gen.span.events import clique_search
@@ -70,6 +71,7 @@ class EventExtractor(PointerModule):
         # [{('Attack', frozenset({('trigger', 'attacked'), ('attacker', 'Troops'), ('target', 'the town')}))}]
     """
 
+    _POINTERS: ClassVar[dict[str, str]] = {"argument": "argument_head", "head": "head_head", "tail": "tail_head"}
     _EXPORT = (
         "labels",
         "head",
@@ -142,7 +144,8 @@ class EventExtractor(PointerModule):
     def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
         out = self(batch["input_ids"], batch["attention_mask"], batch["span_mask"])
         names = ("argument", "head", "tail")
-        losses = {k: pointer_loss(s, batch[k], sparse=True, per_type="sum") for k, s in zip(names, out, strict=False)}
+        scores = zip(names, out, strict=False)
+        losses = {k: pointer_loss(s, target_of(batch, k), sparse=True, per_type="sum") for k, s in scores}
         return losses, out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

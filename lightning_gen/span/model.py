@@ -21,7 +21,7 @@ windowed the same way (:func:`~lightning_gen.span.align.encode_text_windows`), s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -37,6 +37,7 @@ from lightning_gen.span.base import (
     make_head,
     pad_batch,
     pointer_loss,
+    target_of,
     top_hits,
 )
 from lightning_gen.span.metrics import SpanF1
@@ -88,6 +89,7 @@ class SpanExtractor(PointerModule):
         model.save_pretrained("out")                   # SpanExtractor.from_pretrained("out")
     """
 
+    _POINTERS: ClassVar[dict[str, str]] = {"targets": "span_head"}
     _EXPORT = (
         "labels",
         "head",
@@ -176,12 +178,15 @@ class SpanExtractor(PointerModule):
         hidden = self.encode(input_ids, attention_mask)
         return self.span_head(hidden, attention_mask if span_mask is None else span_mask)
 
-    def _loss(self, scores: Tensor, targets: list) -> Tensor:
-        return pointer_loss(scores, targets, sparse=self.hparams.loss == "sparse", per_type="mean")
+    def _sparse_loss(self) -> bool:
+        return self.hparams.loss == "sparse"
+
+    def _loss(self, scores: Tensor, targets: Tensor | list) -> Tensor:
+        return pointer_loss(scores, targets, sparse=self._sparse_loss(), per_type="mean")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         scores = self(batch["input_ids"], batch["attention_mask"], batch["span_mask"])
-        loss = self._loss(scores, batch["targets"])
+        loss = self._loss(scores, target_of(batch, "targets"))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["gold"]))
         return loss
 
@@ -216,7 +221,7 @@ class SpanExtractor(PointerModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         scores = self(batch["input_ids"], batch["attention_mask"], batch["span_mask"])
         n = len(batch["gold"])
-        self.log("val/loss", self._loss(scores, batch["targets"]), batch_size=n)
+        self.log("val/loss", self._loss(scores, target_of(batch, "targets")), batch_size=n)
         self.metric.update(self._decode(scores, batch["windows"], batch["sentence"], n), batch["gold"])
 
     def on_validation_epoch_end(self) -> None:

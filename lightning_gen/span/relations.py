@@ -22,7 +22,7 @@ and a score, windowing long texts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -37,6 +37,7 @@ from lightning_gen.span.base import (
     check_texts,
     make_head,
     pointer_loss,
+    target_of,
 )
 from lightning_gen.span.metrics import TripleF1
 from lightning_gen.span.outputs import Entity, Relation, to_json
@@ -140,6 +141,7 @@ class RelationExtractor(PointerModule):
         model.predict(["Alan Bean was born in Wheeler, Texas."])  # [[Relation(subject=Entity(5, 9, ...), ...)]]
     """
 
+    _POINTERS: ClassVar[dict[str, str]] = {"entity": "entity_head", "head": "head_head", "tail": "tail_head"}
     _EXPORT = (
         "relations",
         "head",
@@ -242,7 +244,7 @@ class RelationExtractor(PointerModule):
     def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
         out = self(batch["input_ids"], batch["attention_mask"], batch["span_mask"])
         losses = {
-            name: pointer_loss(scores, batch[name], sparse=True, per_type="sum")
+            name: pointer_loss(scores, target_of(batch, name), sparse=True, per_type="sum")
             for name, scores in zip(("entity", "head", "tail"), out[:3], strict=True)
         }
         return losses, out
