@@ -276,16 +276,7 @@ class _FakeCudaDropout(nn.Module):
         return x * keep / (1 - self.p)
 
 
-@pytest.fixture
-def _one_thread():
-    """Tiny models: one thread is much faster than two on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_rng_state_cuda_branch_forced_on_cpu(tmp_path, monkeypatch, _one_thread):
+def test_rng_state_cuda_branch_forced_on_cpu(tmp_path, monkeypatch, one_thread):
     """Runs on the CPU (not marked): RngState's CUDA branch, forced. ``torch.cuda`` reports an initialised device
     whose generator is a CPU ``torch.Generator`` that the model's dropout draws from; the probes must capture and
     restore it, so that training stays bitwise that of the run without them. With the restore of that generator

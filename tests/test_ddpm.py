@@ -37,13 +37,7 @@ from lightning_mtl.weighting import GradNormalize
 TINY = {"block_out_channels": [16, 16], "norm_num_groups": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kwargs) -> DDPM:

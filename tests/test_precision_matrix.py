@@ -38,13 +38,7 @@ from tests.test_span_models import EVENT_TEXTS, RELATIONS, _event
 CLIP = 0.05  # small enough to bind on every model here: the clipping is seen, not only survived
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and on a shared 2-core machine far less prone to stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

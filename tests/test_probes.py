@@ -21,14 +21,7 @@ from lightning_mtl.callbacks import GradientMagnitudeProbe, ResidualProbe
 from lightning_mtl.probes import find_residual_blocks, parameter_stats, reduce_sharded_rows, select_layers
 from tests._distributed import shut_down
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models: one thread is much faster than two on a shared 2-core machine (no OpenMP contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -37,13 +37,7 @@ RELATIONS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster, and on a shared 2-core machine far less prone to stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _event(etype: str, text: str, trigger: str, args: list[tuple[str, str]]) -> dict:
