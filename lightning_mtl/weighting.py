@@ -351,10 +351,10 @@ class PCGrad(Weighting):
         self._pending_state: dict | None = None  # a loaded state, applied when the generator is made
 
     def _generator_on(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device.type != device.type:
+        if self._generator is None or self._generator.device != _generator_device(device):
             gen = torch.Generator(device=device).manual_seed(self.seed)
             state, self._pending_state = self._pending_state, None
-            if state is not None:
+            if state is not None and state.get("device", "cpu") is not None:  # None: saved before the first draw
                 if state.get("device", "cpu") == device.type:
                     gen.set_state(state["generator"])
                 else:
@@ -386,8 +386,8 @@ class PCGrad(Weighting):
         return coef.sum(0)
 
     def get_extra_state(self) -> dict:
-        if self._generator is None:
-            return self._pending_state or {"generator": torch.Generator().manual_seed(self.seed).get_state()}
+        if self._generator is None:  # nothing drawn yet: a resumed run starts from the seed, on any device
+            return self._pending_state or {"generator": None, "device": None}
         return {"generator": self._generator.get_state(), "device": self._generator.device.type}
 
     def set_extra_state(self, state: dict) -> None:
@@ -396,6 +396,13 @@ class PCGrad(Weighting):
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"
+
+
+def _generator_device(device: torch.device) -> torch.device:
+    """The device a ``torch.Generator(device=device)`` reports (``cuda`` with its index: the current one if none)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class _External(Weighting):

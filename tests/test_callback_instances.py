@@ -12,6 +12,7 @@ import pytest
 
 import lightning_mtl.callbacks as mtl_callbacks
 from lightning_gen.ddpm import SampleGrid
+from lightning_gen.span import SavePretrained, SpanPredictionWriter
 from lightning_mtl.callbacks import ExponentiatedStepSize, MultiTaskGradient
 from lightning_mtl.callbacks._base import InstanceCallback
 from tests._mtl_models import TwoHeads, loader, make_data
@@ -23,8 +24,14 @@ EXAMPLES = {
     "ProjectedWeightDecay": "ProjectedWeightDecay()",
     "ResidualProbe": "ResidualProbe(every_n_steps=10)",
     "SampleGrid": "SampleGrid(every_n_epochs=5, steps=50)",
+    "SavePretrained": 'SavePretrained(dirpath="out/ner")',
+    "SpanPredictionWriter": 'SpanPredictionWriter(output="predictions.jsonl")',
 }
-CLASSES = [getattr(mtl_callbacks, name) for name in mtl_callbacks.__all__] + [SampleGrid]
+CLASSES = [getattr(mtl_callbacks, name) for name in mtl_callbacks.__all__] + [
+    SampleGrid,
+    SavePretrained,
+    SpanPredictionWriter,
+]
 
 
 def trainer(callbacks: list) -> L.Trainer:

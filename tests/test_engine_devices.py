@@ -212,3 +212,18 @@ def test_cuda_step_has_no_synchronisation(mode, name, k):
         model, loader(make_data(n=64, k=k))
     )
     assert steps["n"] == 4
+
+
+@pytest.mark.parametrize("device", ["cpu", cuda])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_one_task_records_the_gradient_norm_in_every_dtype(monkeypatch, device, dtype):
+    """One task: weight 1 and the squared norm of the whole gradient (a multi-tensor norm per width)."""
+    torch.manual_seed(0)
+    with on(device, monkeypatch) as dev:
+        net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(dev, dtype)
+        engine = mtl.GradientEngine(mtl.MGDA())
+        with pytest.warns(UserWarning, match="Only one task loss"):
+            engine.backward({"only": net(torch.randn(8, 5, device=dev, dtype=dtype)).square().mean()}, module=net)
+        engine.apply()
+    expected = sum(p.grad.double().square().sum() for p in net.parameters())
+    torch.testing.assert_close(engine.last_gramian.cpu(), expected.reshape(1, 1).cpu(), rtol=1e-5, atol=0)

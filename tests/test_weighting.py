@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -414,3 +416,13 @@ def test_a_class_instead_of_an_instance_says_so():
     aggregation = pytest.importorskip("torchjd.aggregation")
     with pytest.raises(TypeError, match=r"pass an instance, e\.g\. `UPGradWeighting\(\)`"):
         mtl.as_weighting(aggregation.UPGradWeighting)
+
+
+def test_pcgrad_saved_before_its_first_draw_resumes_from_its_seed_without_a_warning():
+    gram = torch.randn(4, 6, dtype=torch.float64)
+    gram = gram @ gram.T
+    b = mtl.PCGrad(seed=1)
+    b.load_state_dict(mtl.PCGrad(seed=1).state_dict())  # nothing drawn yet: no device in the state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(b(gram), mtl.PCGrad(seed=1)(gram))

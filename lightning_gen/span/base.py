@@ -258,6 +258,13 @@ class PointerModule(pl.LightningModule):
             datamodule.pointer_targets.clear()  # in place: loaders made before (Lightning counts the batches early)
             datamodule.pointer_targets.update(self.pointer_layout())  # read it at each batch
 
+    @override
+    def teardown(self, stage: str) -> None:
+        """Take the layout back from the data module: another model (or stage) may use it next."""
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        if datamodule is not None and isinstance(getattr(datamodule, "pointer_targets", None), dict):
+            datamodule.pointer_targets.clear()
+
     def _init_encoder(self, model_name_or_path: str | None) -> None:
         with needs_extra(type(self).__name__):
             from transformers import AutoModel, AutoTokenizer

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+
+from lightning_mtl.callbacks._base import InstanceCallback
 
 __all__ = ["SavePretrained", "SpanPredictionWriter"]
 
@@ -21,7 +23,7 @@ def _run_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-class SavePretrained(Callback):
+class SavePretrained(InstanceCallback, example_args='dirpath="out/ner"'):
     """At the end of ``fit``, write the model's :meth:`save_pretrained` directory (encoder, tokenizer, label set and
     heads: what ``SpanExtractor.from_pretrained(dir)`` loads, without unpickling).
 
@@ -65,7 +67,7 @@ class SavePretrained(Callback):
         trainer.strategy.barrier("SavePretrained")
 
 
-class SpanPredictionWriter(BasePredictionWriter):
+class SpanPredictionWriter(BasePredictionWriter, InstanceCallback, example_args='output="predictions.jsonl"'):
     """Write ``trainer.predict`` outputs of the span models as JSON lines, one per input text and in input order:
     the records that ``predict_step`` returns (``line``, ``text`` and ``entities`` or ``relations`` with character
     offsets and scores).

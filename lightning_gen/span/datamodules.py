@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 
 from lightning_gen.span.align import (
@@ -195,6 +196,7 @@ class _Base(pl.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),  # batches (the loss targets too) then reach a GPU asynchronously
             collate_fn=partial(
                 collate_with_targets,
                 collate=type(self).collate,

@@ -22,7 +22,8 @@ class DeferredRead:
     hands every copy that has landed (the event has completed: ``Event.query()``, which never waits) to its
     callback, in order; :meth:`flush` waits for the rest, for the points where the loop waits anyway (the end of an
     epoch). On the host (:func:`lightning_mtl._device.on_host`) the callback runs at once. The callback receives a
-    NumPy array: host memory, which cannot synchronise anything.
+    NumPy array: host memory, which cannot synchronise anything. Only CUDA has the pinned memory and events this
+    needs: on another accelerator (MPS, XLA) the copy is made at :meth:`put` and waits for the device.
     """
 
     def __init__(self) -> None:

@@ -83,9 +83,9 @@ class MultiTaskGradient(InstanceCallback, example_args="mtl.MGDA()"):
         validate: check every micro-batch that the task losses are finite (without a GradScaler; with one,
             non-finite values are left to the scaler, which skips the step) and that ``training_step`` returned the
             value of ``task_losses`` unchanged. The verdict is computed on the device and read without waiting for
-            it: on a GPU it is copied to pinned host memory and read once the copy has landed (usually at the next
-            micro-batch; at the latest at the end of the epoch), so a fault is reported a step or two late and no
-            step stalls the GPU. On CPU it is read at once.
+            it: on a CUDA GPU it is copied to pinned host memory and read once the copy has landed (usually at the
+            next micro-batch; at the latest at the end of the epoch), so a fault is reported a step or two late and
+            no step stalls the GPU. On CPU it is read at once; on other accelerators (MPS) the copy waits.
         log: log per-task weights (``mtl/weight/<task>``), gradient norms (``mtl/grad_norm/<task>``; in
             representation mode the norms of dL/dz) and pairwise cosines (``mtl/cos/<a>~<b>``) at the Trainer's
             ``log_every_n_steps``.

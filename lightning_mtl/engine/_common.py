@@ -129,11 +129,12 @@ def combine(weights: Tensor, rows: Tensor) -> Tensor:
     """
     if _device.on_host(rows):
         return weights.to(rows.dtype) @ rows
-    w = weights.to(rows.dtype)
-    out = rows[0] * w[0]
+    wide = torch.promote_types(rows.dtype, torch.float32)  # half-precision rows: summed in fp32, rounded once
+    w = weights.to(wide)
+    out = rows[0].to(wide) * w[0]
     for k in range(1, rows.shape[0]):
         out.addcmul_(rows[k], w[k])
-    return out
+    return out.to(rows.dtype)
 
 
 def gramian_from_total(raw: Tensor) -> Tensor:

@@ -94,15 +94,21 @@ def squared_norm(grads: Iterable[Tensor], like: Tensor) -> Tensor:
     r""":math:`\sum \|g\|^2` over ``grads``, in ``like``'s dtype on its device; a DTensor gradient counts globally
     (DTensor reduces its partial sum over the mesh, whatever the placements).
 
-    Plain tensors: one multi-tensor norm (``torch._foreach_norm``, accumulated in fp32, so a scaled fp16 gradient
-    cannot overflow), then the squares summed in ``like``'s dtype: no per-parameter copy in float64.
+    Plain tensors: one multi-tensor norm per width (``torch._foreach_norm``: half and fp32 gradients accumulated in
+    fp32, so a scaled fp16 gradient cannot overflow; float64 ones in float64), then the squares summed in ``like``'s
+    dtype: no per-parameter copy in float64.
     """
     grads = [g.detach() for g in grads]
     total = like.new_zeros((), dtype=like.dtype)
     plain = [g for g in grads if not is_dtensor(g)]
-    if plain:
-        norms = torch._foreach_norm(plain, 2, dtype=torch.float32)
-        total = total + torch.stack([n.to(like.device) for n in norms]).to(like.dtype).square().sum()
+    narrow = [g for g in plain if g.dtype != torch.float64]
+    wide = [g for g in plain if g.dtype == torch.float64]
+    norms = [
+        *(torch._foreach_norm(narrow, 2, dtype=torch.float32) if narrow else ()),
+        *(torch._foreach_norm(wide, 2) if wide else ()),
+    ]
+    if norms:
+        total = total + torch.stack([n.to(device=like.device, dtype=like.dtype) for n in norms]).square().sum()
     for g in grads:
         if is_dtensor(g):
             part = g.to(like.dtype).square().sum().full_tensor()  # type: ignore[attr-defined]
