@@ -242,9 +242,9 @@ class PointerModule(pl.LightningModule):
         the loss targets itself (see :meth:`on_fit_start`)."""
         out = {}
         for key, head in self._POINTERS.items():
-            module = getattr(self, head, None)
-            if module is not None:
-                out[key] = (module.num_types, self._sparse_loss())
+            types = getattr(getattr(self, head, None), "num_types", None)
+            if isinstance(types, int):  # a pointer head (a subclass may replace it, e.g. by a token tagger)
+                out[key] = (types, self._sparse_loss())
         return out
 
     @override
