@@ -307,6 +307,48 @@ class PointerModule(pl.LightningModule):
         with torch.inference_mode(), eval_mode(self):
             yield
 
+    @contextlib.contextmanager
+    def _threshold(self, threshold: float | None) -> Iterator[None]:
+        """``self.threshold`` set to ``threshold`` (if given) for the duration, then restored."""
+        saved = self.threshold
+        self.threshold = saved if threshold is None else threshold
+        try:
+            yield
+        finally:
+            self.threshold = saved
+
+    def _predict_texts(self, texts: list[str], batch_size: int) -> list[list[Any]]:  # pragma: no cover - abstract
+        """What a model finds in raw texts, per text (entities or relations with character offsets)."""
+        raise NotImplementedError
+
+    def _warn_lost(self, where: str) -> None:  # pragma: no cover - abstract
+        """Warn once about what decoding had to leave out since the last call."""
+        raise NotImplementedError
+
+    def _predict_raw(
+        self, method: str, texts: Any, batch_size: int, device: str | torch.device | None, threshold: float | None
+    ) -> list[list[Any]]:
+        """The body of ``predict``: the texts checked, decoded in eval and inference mode at ``threshold``, and a
+        warning for what was left out."""
+        texts = check_texts(f"{type(self).__name__}.{method}", texts)
+        with self._inference(device), self._threshold(threshold):
+            out = self._predict_texts(texts, batch_size)
+        self._warn_lost(method)
+        return out
+
+    def _predict_records(self, batch: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        """The body of ``predict_step``: per text of a predict batch its input fields and, under ``key``, what
+        :meth:`_predict_texts` found, as JSON-ready dicts."""
+        from lightning_gen.span.outputs import to_json
+
+        texts = check_texts(f"{type(self).__name__}.predict_step", batch["text"])
+        found = self._predict_texts(texts, max(1, len(texts)))
+        self._warn_lost("predict_step")
+        return [
+            {**record, "text": text, key: [to_json(x) for x in items]}
+            for record, text, items in zip(batch["record"], texts, found, strict=True)
+        ]
+
     def _text_batches(
         self, texts: Sequence[str], batch_size: int, overlap: int
     ) -> Iterator[tuple[list[int], list[Any], tuple[Tensor, Tensor, Tensor]]]:

@@ -33,7 +33,6 @@ from lightning_gen.span.base import (
     PointerModule,
     check_args,
     check_label_list,
-    check_texts,
     make_head,
     pad_batch,
     pointer_loss,
@@ -41,7 +40,7 @@ from lightning_gen.span.base import (
     top_hits,
 )
 from lightning_gen.span.metrics import SpanF1
-from lightning_gen.span.outputs import Entity, to_json
+from lightning_gen.span.outputs import Entity
 
 __all__ = ["SpanExtractor"]
 
@@ -323,30 +322,21 @@ class SpanExtractor(PointerModule):
               Entity(start=34, end=41, label='MISC', text='British', score=0.87...)]]
         """
         self._require_labels("predict")
-        texts = check_texts("SpanExtractor.predict", texts)
-        with self._inference(device):
-            out = self._predict_texts(texts, batch_size, threshold)
-        self._warn_lost("predict")
-        return out
+        return self._predict_raw("predict", texts, batch_size, device, threshold)
 
-    def _predict_texts(self, texts: list[str], batch_size: int, threshold: float | None) -> list[list[Entity]]:
+    def _predict_texts(self, texts: list[str], batch_size: int) -> list[list[Entity]]:
         labels = self._require_labels("predict")
-        saved = self.threshold
-        self.threshold = saved if threshold is None else threshold
         found: list[dict[tuple[int, int, str], float]] = [{} for _ in texts]
-        try:
-            for owner, windows, inputs in self._text_batches(texts, batch_size, self.window_overlap):
-                scores = self(*inputs).float()
-                hits, values, lost = top_hits(scores, self.threshold, self.max_spans_per_window)
-                self._lost_spans += lost
-                for (b, t, i, j), v in zip(hits.tolist(), torch.sigmoid(values).tolist(), strict=True):
-                    window: TextEncoding = windows[b]
-                    span = window.char_span(i, j)
-                    if span is not None:
-                        key, spans = (span[0], span[1], labels[t]), found[owner[b]]
-                        spans[key] = max(v, spans.get(key, 0.0))
-        finally:
-            self.threshold = saved
+        for owner, windows, inputs in self._text_batches(texts, batch_size, self.window_overlap):
+            scores = self(*inputs).float()
+            hits, values, lost = top_hits(scores, self.threshold, self.max_spans_per_window)
+            self._lost_spans += lost
+            for (b, t, i, j), v in zip(hits.tolist(), torch.sigmoid(values).tolist(), strict=True):
+                window: TextEncoding = windows[b]
+                span = window.char_span(i, j)
+                if span is not None:
+                    key, spans = (span[0], span[1], labels[t]), found[owner[b]]
+                    spans[key] = max(v, spans.get(key, 0.0))
         return [
             [Entity(s, e, label, text[s:e], score) for (s, e, label), score in sorted(spans.items())]
             for text, spans in zip(texts, found, strict=True)
@@ -356,10 +346,4 @@ class SpanExtractor(PointerModule):
         """``trainer.predict`` on a data module's predict data (``predict_file=``): per text a JSON-ready record,
         its input fields (``line``, any other fields of a JSON lines input) and ``"entities"``, a list of
         ``{"start", "end", "label", "text", "score"}`` with character offsets (see :meth:`predict`)."""
-        texts = check_texts("SpanExtractor.predict_step", batch["text"])
-        entities = self._predict_texts(texts, max(1, len(texts)), None)
-        self._warn_lost("predict_step")
-        return [
-            {**record, "text": text, "entities": [to_json(e) for e in found]}
-            for record, text, found in zip(batch["record"], texts, entities, strict=True)
-        ]
+        return self._predict_records(batch, "entities")

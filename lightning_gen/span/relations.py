@@ -40,7 +40,7 @@ from lightning_gen.span.base import (
     target_of,
 )
 from lightning_gen.span.metrics import TripleF1
-from lightning_gen.span.outputs import Entity, Relation, to_json
+from lightning_gen.span.outputs import Entity, Relation
 from lightning_mtl.tasks import task_losses
 
 __all__ = ["RelationExtractor", "decode_relations"]
@@ -341,7 +341,7 @@ class RelationExtractor(PointerModule):
         self._require_relations("extract")
         texts = check_texts("RelationExtractor.extract", texts)
         with self._inference(None):
-            found = self._predict_texts(texts, batch_size, None)
+            found = self._predict_texts(texts, batch_size)
         self._warn_lost("extract")
         return [{(r.subject.text, r.relation, r.object.text) for r in rels} for rels in found]
 
@@ -371,40 +371,25 @@ class RelationExtractor(PointerModule):
             TypeError: ``texts`` is one string, or an item is not a string.
         """
         self._require_relations("predict")
-        texts = check_texts("RelationExtractor.predict", texts)
-        with self._inference(device):
-            out = self._predict_texts(texts, batch_size, threshold)
-        self._warn_lost("predict")
-        return out
+        return self._predict_raw("predict", texts, batch_size, device, threshold)
 
-    def _predict_texts(self, texts: list[str], batch_size: int, threshold: float | None) -> list[list[Relation]]:
+    def _predict_texts(self, texts: list[str], batch_size: int) -> list[list[Relation]]:
         self._require_relations("predict")
-        saved = self.threshold
-        self.threshold = saved if threshold is None else threshold
         found: list[dict[tuple[int, int, str, int, int], Relation]] = [{} for _ in texts]
-        try:
-            for owner, windows, inputs in self._text_batches(texts, batch_size, self.window_overlap):
-                out = self(*inputs)
-                decoded = self._decode_relations(out, windows, [texts[k] for k in owner])
-                for k, rels in zip(owner, decoded, strict=True):
-                    for key, rel in rels.items():
-                        if key not in found[k] or rel.score > found[k][key].score:
-                            found[k][key] = rel
-        finally:
-            self.threshold = saved
+        for owner, windows, inputs in self._text_batches(texts, batch_size, self.window_overlap):
+            out = self(*inputs)
+            decoded = self._decode_relations(out, windows, [texts[k] for k in owner])
+            for k, rels in zip(owner, decoded, strict=True):
+                for key, rel in rels.items():
+                    if key not in found[k] or rel.score > found[k][key].score:
+                        found[k][key] = rel
         return [[rels[key] for key in sorted(rels)] for rels in found]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """``trainer.predict`` on a data module's predict data (``predict_file=``): per text a JSON-ready record,
         its input fields and ``"relations"``, each ``{"subject": {...}, "relation", "object": {...}, "score"}``
         with character offsets (see :meth:`predict`)."""
-        texts = check_texts("RelationExtractor.predict_step", batch["text"])
-        relations = self._predict_texts(texts, max(1, len(texts)), None)
-        self._warn_lost("predict_step")
-        return [
-            {**record, "text": text, "relations": [to_json(r) for r in found]}
-            for record, text, found in zip(batch["record"], texts, relations, strict=True)
-        ]
+        return self._predict_records(batch, "relations")
 
 
 def _sigmoid(x: float) -> float:
