@@ -100,6 +100,17 @@ class Window:
         return a, b + 1
 
 
+def _window_budget(fn: str, tokenizer: Any, max_length: int, overlap: int) -> int:
+    """Sub-words a window holds besides the special tokens; checks the tokenizer and the arguments."""
+    check_fast(tokenizer)
+    if overlap < 0:
+        raise ValueError(f"{fn}: overlap must be >= 0, got {overlap}.")
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    if budget < 1:
+        raise ValueError(f"{fn}: max_length={max_length} leaves no room for a sub-word.")
+    return budget
+
+
 def encode_words(
     tokenizer: Any,
     sentences: Sequence[Sequence[str]],
@@ -124,12 +135,7 @@ def encode_words(
         >>> windows = encode_words(tokenizer, [["EU", "rejects", "German", "call"]], max_length=128)
         >>> windows[0][0].token_span(2, 3)  # "German": tokens (i, j), inclusive
     """
-    check_fast(tokenizer)
-    if overlap < 0:
-        raise ValueError(f"encode_words: overlap must be >= 0, got {overlap}.")
-    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
-    if budget < 1:
-        raise ValueError(f"encode_words: max_length={max_length} leaves no room for a sub-word.")
+    budget = _window_budget("encode_words", tokenizer, max_length, overlap)
     sentences = [list(s) for s in sentences]
     counts = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False) if sentences else None
     plans: list[list[tuple[int, int]]] = []
@@ -271,12 +277,7 @@ def encode_text_windows(
         >>> windows = encode_text_windows(tokenizer, ["EU rejects German call ."], max_length=128)
         >>> windows[0][0].char_span(3, 3)  # token 3 is "german": characters (11, 17)
     """
-    check_fast(tokenizer)
-    if overlap < 0:
-        raise ValueError(f"encode_text_windows: overlap must be >= 0, got {overlap}.")
-    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
-    if budget < 1:
-        raise ValueError(f"encode_text_windows: max_length={max_length} leaves no room for a sub-word.")
+    budget = _window_budget("encode_text_windows", tokenizer, max_length, overlap)
     texts = list(texts)
     if not texts:
         return []
