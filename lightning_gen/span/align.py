@@ -100,6 +100,16 @@ class Window:
         return a, b + 1
 
 
+def _window_end(pieces: Sequence[int], start: int, budget: int) -> tuple[int, bool]:
+    """The end of the window that starts at word ``start``: as many whole words (``pieces[w]`` sub-words each) as fit
+    in ``budget``, at least one; ``True`` when that one word alone is longer than a window."""
+    used, end, n = 0, start, len(pieces)
+    while end < n and used + pieces[end] <= budget:
+        used += pieces[end]
+        end += 1
+    return max(end, min(start + 1, n)), end == start and start < n
+
+
 def _window_budget(fn: str, tokenizer: Any, max_length: int, overlap: int) -> int:
     """Sub-words a window holds besides the special tokens; checks the tokenizer and the arguments."""
     check_fast(tokenizer)
@@ -149,11 +159,7 @@ def encode_words(
         plan: list[tuple[int, int]] = []
         start, n = 0, len(words)
         while True:
-            used, end = 0, start
-            while end < n and used + pieces[end] <= budget:
-                used += pieces[end]
-                end += 1
-            end = max(end, min(start + 1, n))  # one over-long word: its own (truncated) window
+            end, _ = _window_end(pieces, start, budget)  # one over-long word: its own (truncated) window
             plan.append((start, end))
             if end >= n or truncate:
                 break
@@ -295,12 +301,7 @@ def encode_text_windows(
                 pieces[w] += 1
         start, n = 0, len(words)
         while True:
-            used, end = 0, start
-            while end < n and used + pieces[end] <= budget:
-                used += pieces[end]
-                end += 1
-            cut = end == start and start < n  # one word longer than a window: its own (cut) window
-            end = max(end, min(start + 1, n))
+            end, cut = _window_end(pieces, start, budget)  # one word longer than a window: its own (cut) window
             plans.append((k, start, end, cut))
             if end >= n:
                 break
