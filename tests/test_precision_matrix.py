@@ -34,6 +34,7 @@ from lightning_mtl.callbacks import MultiTaskGradient
 from tests.test_cosent import write_nli, write_sts
 from tests.test_span_data import CONLL, make_tiny_encoder
 from tests.test_span_models import EVENT_TEXTS, RELATIONS, _event
+from tests.test_span_models import trainer as quiet_trainer
 
 CLIP = 0.05  # small enough to bind on every model here: the clipping is seen, not only survived
 
@@ -166,18 +167,11 @@ def _two_steps(name: str, precision: str, clip: float | None, f: SimpleNamespace
     L.seed_everything(0, verbose=False)
     model, data, callbacks = MODELS[name](f)
     check = StepCheck()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=device,
-        devices=1,
         max_steps=2,
         gradient_clip_val=clip,
         callbacks=[*callbacks, check],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         default_root_dir=f.dir,
         **_plugins(precision, device),
     )

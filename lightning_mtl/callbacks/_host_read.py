@@ -59,6 +59,3 @@ class DeferredRead:
 
     def clear(self) -> None:
         self._queue.clear()
-
-    def __len__(self) -> int:
-        return len(self._queue)
